@@ -1,0 +1,108 @@
+"""Every knob of every Argus service, in one place (env prefix ``T2I_``).
+
+Each field has an environment twin: ``GatewaySettings().max_prompt_chars`` is read from
+``T2I_MAX_PROMPT_CHARS``. Settings objects are built in each service's ``main()`` and
+passed down, so tests construct them directly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common import keys
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TIERS_FILE = REPO_ROOT / "profiles" / "tiers.yaml"
+
+
+def default_instance() -> str:
+    """A name unique to this process on this host (used as consumer and heartbeat name)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class CommonSettings(BaseSettings):
+    """Knobs shared by every service."""
+
+    model_config = SettingsConfigDict(env_prefix="T2I_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    log_level: str = "INFO"
+    log_json: bool = False
+    service_name: str = "argus"
+    instance: str = Field(default_factory=default_instance)
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 disables the server")
+    tiers_file: Path = DEFAULT_TIERS_FILE
+
+    job_ttl_s: int = Field(default=keys.JOB_TTL_S, gt=0)
+    result_ttl_s: int = Field(default=keys.RESULT_TTL_S, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0)
+    stream_block_ms: int = Field(default=1000, ge=1)
+    claim_idle_ms: int = Field(
+        default=30_000, ge=100, description="pending entries idle this long are reclaimed"
+    )
+    max_deliveries: int = Field(default=3, ge=1, description="then dead-lettered")
+
+
+class GatewaySettings(CommonSettings):
+    """HTTP gateway."""
+
+    service_name: str = "gateway"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_prompt_chars: int = Field(default=2000, gt=0)
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    max_backlog: int = Field(default=10_000, gt=0, description="accepted, unfinished jobs")
+    backlog_retry_after_s: int = Field(default=5, gt=0)
+    sync_timeout_s: float = Field(default=120.0, gt=0)
+    allowed_sizes: list[str] = ["32x32", "64x64", "256x256", "512x512", "1024x1024"]
+    default_size: str = "32x32"
+    ready_heartbeat_max_age_s: float = Field(default=10.0, gt=0)
+    public_url: str = Field(default="", description="base of URLs returned to clients")
+
+
+class ClassifierSettings(CommonSettings):
+    """Classifier service (tier decision)."""
+
+    service_name: str = "classifier"
+    policy: str = "fixed"
+    fixed_tier: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+
+
+class ControllerSettings(CommonSettings):
+    """Controller service (plan publication)."""
+
+    service_name: str = "controller"
+    policy: str = "static"
+    static_tier: int = Field(default=0, ge=0)
+    control_period_s: float = Field(default=2.0, gt=0)
+
+
+class WorkerSettings(CommonSettings):
+    """GPU worker (one process per GPU)."""
+
+    service_name: str = "worker"
+    backend: str = Field(default="diffusers", description="diffusers | emulated")
+    device: str = Field(default="cpu", description="cpu | cuda | cuda:N")
+    dtype: str = Field(default="float32", description="float32 | float16 | bfloat16")
+    model: str = Field(default="", description="overrides the tiers' model path or id")
+    emulated_latency_scale: float = Field(default=1.0, ge=0, description="0 = no delay")
+    max_batch: int = Field(default=0, ge=0, description="0 = the tier's largest batch size")
+    plan_wait_s: float = Field(default=30.0, gt=0, description="wait this long for a plan")
+    keepalive_s: float = Field(default=5.0, gt=0, description="re-claim own entries this often")
+
+
+class TaskSettings(CommonSettings):
+    """arq background worker: webhooks and periodic maintenance."""
+
+    service_name: str = "tasks"
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_tries: int = Field(default=5, ge=1)
+    maintenance_period_s: int = Field(default=60, ge=1)
+    stream_trim_keep: int = Field(default=10_000, ge=0)

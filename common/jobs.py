@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from common import keys
+from common import keys, webhooks
 from common.messages import (
     TERMINAL_STATES,
     ClassifiedJob,
@@ -27,7 +27,7 @@ from common.messages import (
     PromptJob,
     now,
 )
-from common.redisutil import text, text_dict
+from common.redisutil import aw, text, text_dict
 
 _TERMINAL = ",".join(sorted(s.value for s in TERMINAL_STATES))
 
@@ -56,6 +56,15 @@ if string.find(',' .. ARGV[4] .. ',', ',' .. cur .. ',', 1, true) then return 0 
 for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'status', 'classified')
 redis.call('XADD', KEYS[2], '*', 'data', ARGV[3])
+return 1
+"""
+
+
+# KEYS: job. ARGV: channel, event json. Succeeded -> expired once its images are gone.
+_EXPIRE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'succeeded' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'expired')
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
 
@@ -120,6 +129,7 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self._transition = redis.register_script(_TRANSITION)
         self._route = redis.register_script(_ROUTE)
+        self._expire = redis.register_script(_EXPIRE)
 
     async def create(self, job: PromptJob, *, body_hash: str = "",
                      idempotency_key: str | None = None,
@@ -155,7 +165,7 @@ class JobStore:
 
     async def get(self, job_id: str) -> JobRecord | None:
         """The job, or None when unknown (never created, or its record expired)."""
-        raw = await self.redis.hgetall(keys.job_key(job_id))
+        raw = await aw(self.redis.hgetall(keys.job_key(job_id)))
         return JobRecord.from_hash(raw) if raw else None
 
     async def backlog(self) -> int:
@@ -180,6 +190,8 @@ class JobStore:
                   keys.events_channel(job_id), event.model_dump_json(), _TERMINAL,
                   *_flat(fields)],
         )
+        if int(res) == 1 and status.terminal:
+            await webhooks.enqueue_if_wanted(self.redis, job_id)
         return int(res)
 
     async def route(self, job: ClassifiedJob, prompt_entry_id: str | bytes,
@@ -209,7 +221,7 @@ class JobStore:
             allowed_from=(JobState.QUEUED, JobState.CLASSIFIED, JobState.RUNNING),
             worker=worker, tier=tier, started_at=now(), step=0, total=total)
         if res == 1:
-            await self.redis.hincrby(keys.job_key(job_id), "attempts", 1)
+            await aw(self.redis.hincrby(keys.job_key(job_id), "attempts", 1))
         return res == 1
 
     async def progress(self, job_id: str, step: int, total: int) -> None:
@@ -229,6 +241,7 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             for i, png in enumerate(images):
                 pipe.set(keys.result_key(job_id, i), png, ex=self.result_ttl_s)
+            pipe.zadd(keys.RESULTS_EXPIRY, {job_id: now() + self.result_ttl_s})
             await pipe.execute()
         res = await self.transition(job_id, JobState.SUCCEEDED, finished_at=now(),
                                     images=len(images), **fields)
@@ -260,3 +273,28 @@ class JobStore:
         """PNG bytes of a finished job's image, or None once expired/absent."""
         data = await self.redis.get(keys.result_key(job_id, index))
         return bytes(data) if data is not None else None
+
+    async def expire_results(self, limit: int = 1000) -> int:
+        """Mark succeeded jobs whose images passed their TTL as ``expired``; returns how
+        many. Jobs already gone or in another state are just dropped from the index."""
+        due = await self.redis.zrangebyscore(keys.RESULTS_EXPIRY, "-inf", now(),
+                                             start=0, num=limit)
+        done = 0
+        for raw in due:
+            job_id = text(raw)
+            event = JobEvent(job_id=job_id, kind=EventKind.STATUS, status=JobState.EXPIRED)
+            done += int(await self._expire(keys=[keys.job_key(job_id)],
+                                           args=[keys.events_channel(job_id),
+                                                 event.model_dump_json()]))
+            await self.redis.zrem(keys.RESULTS_EXPIRY, job_id)
+        return done
+
+    async def reconcile_inflight(self, limit: int = 10_000) -> int:
+        """Drop ids from the backlog index whose job record no longer exists (TTL);
+        returns how many were dropped."""
+        ids = [text(i) for i in await self.redis.zrange(keys.INFLIGHT, 0, limit - 1)]
+        dropped = 0
+        for job_id in ids:
+            if not await self.redis.exists(keys.job_key(job_id)):
+                dropped += int(await self.redis.zrem(keys.INFLIGHT, job_id))
+        return dropped

@@ -20,6 +20,8 @@ ALLOC_UPDATES = f"{PREFIX}:alloc:updates"
 
 # Jobs that are accepted and not yet terminal (sorted set, score = enqueue time).
 INFLIGHT = f"{PREFIX}:inflight"
+# Jobs whose images are stored (sorted set, score = when the images expire).
+RESULTS_EXPIRY = f"{PREFIX}:results:expiry"
 # Arrival counter per second bucket (hash: epoch second -> count), read by the controller.
 ARRIVALS = f"{PREFIX}:arrivals"
 

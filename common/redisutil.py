@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+
+T = TypeVar("T")
+
+
+async def aw(value: Awaitable[T] | T) -> T:
+    """Await a redis-py reply typed ``Awaitable[T] | T`` (its stubs cover sync and async
+    clients at once); keeps ``mypy --strict`` precise without ignores."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
 
 
 def connect(url: str, **kwargs: Any) -> aioredis.Redis:
@@ -15,7 +27,8 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
     """
     opts: dict[str, Any] = {"decode_responses": False, "health_check_interval": 30}
     opts.update(kwargs)
-    return aioredis.Redis.from_url(url, **opts)
+    client: aioredis.Redis = aioredis.Redis.from_url(url, **opts)
+    return client
 
 
 def text(value: Any) -> str:

@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 
 from common import keys
 from common.messages import now
-from common.redisutil import text
+from common.redisutil import aw, text
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class StreamConsumer:
     async def record_error(self, entry_id: str, error: str) -> None:
         """Remember the last error of an entry (shown in its dead letter)."""
         k = keys.delivery_errors_key(self.stream)
-        await self.redis.hset(k, entry_id, error[:2000])
+        await aw(self.redis.hset(k, entry_id, error[:2000]))
         await self.redis.expire(k, keys.DELIVERY_ERROR_TTL_S)
 
     async def reclaim(self, count: int = 10) -> tuple[list[Entry], list[Entry]]:
@@ -123,7 +123,7 @@ class StreamConsumer:
 
     async def dead_letter_entry(self, entry: Entry, reason: str) -> None:
         """Copy an entry to the dead-letter stream with its last error, then ack it."""
-        err = await self.redis.hget(keys.delivery_errors_key(self.stream), entry.id)
+        err = await aw(self.redis.hget(keys.delivery_errors_key(self.stream), entry.id))
         fields: dict[Any, Any] = dict(entry.fields)
         fields.update({"source_stream": self.stream, "source_id": entry.id,
                        "deliveries": str(entry.deliveries), "reason": reason,

@@ -71,7 +71,7 @@ async def trim_stream(redis: aioredis.Redis, stream: str, keep: int = 0) -> int:
         newest = await redis.xrevrange(stream, count=keep)
         if len(newest) == keep:
             point = min(point, text(newest[-1][0]), key=_id_tuple)
-    return int(await redis.xtrim(stream, minid=point))
+    return int(await redis.xtrim(stream, minid=point, approximate=False))
 
 
 async def delete_dead_consumers(redis: aioredis.Redis, stream: str,
@@ -98,7 +98,7 @@ async def run_maintenance(redis: aioredis.Redis, keep: int = 0,
     async for key in redis.scan_iter(match=keys.tier_stream_pattern(), count=100):
         streams.append(text(key))
     for stream in streams:
-        if stream.endswith(":errors"):
+        if stream.endswith(":errors") or not await redis.exists(stream):
             continue
         try:
             report.trimmed_entries += await trim_stream(redis, stream, keep)

@@ -1,0 +1,36 @@
+# Every target does its own set-up: a virtual environment at .venv with pinned packages
+# (every pip call uses constraints.txt) and redis-server (apt-get when missing).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test check lint bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found (need Python 3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(STAMP)
+	@bash scripts/ensure-redis.sh
+
+demo: setup
+	$(VENV)/bin/argus demo
+
+test: setup
+	$(PY) -m pytest -q
+
+check: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --strict common services loadgen world
+
+bench: setup
+	$(PY) bench/control_plane.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

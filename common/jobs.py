@@ -31,6 +31,29 @@ from common.redisutil import aw, text, text_dict
 
 _TERMINAL = ",".join(sorted(s.value for s in TERMINAL_STATES))
 
+# KEYS: job, inflight, prompt stream, arrivals, idempotency key ('' = none).
+# ARGV: job_id, enqueued_at, entry data, job ttl, arrival bucket, idem record, idem ttl,
+# max backlog (-1 = none), then field/value pairs.
+# Returns {'replay', previous idem record} | {'full', backlog} | {'created', entry id}.
+_CREATE = """
+if KEYS[5] ~= '' then
+  local prev = redis.call('GET', KEYS[5])
+  if prev then return {'replay', prev} end
+end
+local max = tonumber(ARGV[8])
+if max >= 0 then
+  local n = redis.call('ZCARD', KEYS[2])
+  if n >= max then return {'full', tostring(n)} end
+end
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[6], 'EX', ARGV[7]) end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('HINCRBY', KEYS[4], ARGV[5], 1)
+local id = redis.call('XADD', KEYS[3], '*', 'data', ARGV[3])
+return {'created', id}
+"""
+
 # KEYS: job, inflight. ARGV: job_id, new_status, allowed_from (csv or ''), channel,
 # event_json, then field/value pairs. Returns 1 done, 0 refused, -1 unknown job.
 _TRANSITION = """
@@ -71,6 +94,15 @@ return 1
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
+
+
+class BacklogFull(Exception):
+    """The backlog cap is reached; ``args[0]`` is the number of unfinished jobs."""
+
+    @property
+    def backlog(self) -> int:
+        """Unfinished jobs at the time of the refusal."""
+        return int(self.args[0])
 
 
 class JobRecord(BaseModel):
@@ -127,40 +159,42 @@ class JobStore:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
         self.result_ttl_s = result_ttl_s
+        self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
         self._route = redis.register_script(_ROUTE)
         self._expire = redis.register_script(_EXPIRE)
 
     async def create(self, job: PromptJob, *, body_hash: str = "",
-                     idempotency_key: str | None = None,
-                     callback_url: str | None = None) -> tuple[str, bool]:
-        """Record and enqueue a job. Returns ``(job_id, created)``.
+                     idempotency_key: str | None = None, callback_url: str | None = None,
+                     max_backlog: int | None = None) -> tuple[str, bool]:
+        """Record and enqueue a job in one atomic step. Returns ``(job_id, created)``.
 
         With an idempotency key already used for the same body, returns the earlier job
-        and ``created=False``; for another body raises :class:`IdempotencyConflict`.
+        and ``created=False`` (even when the backlog is full); for another body raises
+        :class:`IdempotencyConflict`. With ``max_backlog``, refuses a new job once that
+        many are unfinished by raising :class:`BacklogFull` (nothing is written).
         """
-        if idempotency_key:
-            record = json.dumps({"job_id": job.job_id, "body_hash": body_hash})
-            ok = await self.redis.set(keys.idem_key(idempotency_key), record,
-                                      nx=True, ex=keys.IDEMPOTENCY_TTL_S)
-            if not ok:
-                prev = json.loads(text(await self.redis.get(keys.idem_key(idempotency_key))))
-                if prev["body_hash"] != body_hash:
-                    raise IdempotencyConflict(idempotency_key)
-                return str(prev["job_id"]), False
         fields = {
             "id": job.job_id, "status": JobState.QUEUED.value, "prompt": job.prompt,
             "seed": job.seed, "n": job.n, "width": job.width, "height": job.height,
             "slo_ms": job.slo_ms, "enqueued_at": job.enqueued_at, "callback_url": callback_url,
         }
-        jk = keys.job_key(job.job_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(jk, mapping={k: str(v) for k, v in fields.items() if v is not None})
-            pipe.expire(jk, self.job_ttl_s)
-            pipe.zadd(keys.INFLIGHT, {job.job_id: job.enqueued_at})
-            pipe.xadd(keys.PROMPT_STREAM, job.to_fields())  # type: ignore[arg-type]
-            pipe.hincrby(keys.ARRIVALS, str(int(job.enqueued_at)), 1)
-            await pipe.execute()
+        idem = json.dumps({"job_id": job.job_id, "body_hash": body_hash})
+        res = await self._create(
+            keys=[keys.job_key(job.job_id), keys.INFLIGHT, keys.PROMPT_STREAM, keys.ARRIVALS,
+                  keys.idem_key(idempotency_key) if idempotency_key else ""],
+            args=[job.job_id, job.enqueued_at, job.model_dump_json(), self.job_ttl_s,
+                  str(int(job.enqueued_at)), idem, keys.IDEMPOTENCY_TTL_S,
+                  max_backlog if max_backlog is not None else -1, *_flat(fields)],
+        )
+        kind, value = text(res[0]), text(res[1])
+        if kind == "full":
+            raise BacklogFull(int(value))
+        if kind == "replay":
+            prev = json.loads(value)
+            if prev["body_hash"] != body_hash:
+                raise IdempotencyConflict(idempotency_key or "")
+            return str(prev["job_id"]), False
         return job.job_id, True
 
     async def get(self, job_id: str) -> JobRecord | None:

@@ -55,11 +55,13 @@ class GatewaySettings(CommonSettings):
     service_name: str = "gateway"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    gateway_workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
     max_prompt_chars: int = Field(default=2000, gt=0)
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     max_backlog: int = Field(default=10_000, gt=0, description="accepted, unfinished jobs")
     backlog_retry_after_s: int = Field(default=5, gt=0)
     sync_timeout_s: float = Field(default=120.0, gt=0)
+    sse_keepalive_s: float = Field(default=15.0, gt=0, description="SSE comment after silence")
     allowed_sizes: list[str] = ["32x32", "64x64", "256x256", "512x512", "1024x1024"]
     default_size: str = "32x32"
     ready_heartbeat_max_age_s: float = Field(default=10.0, gt=0)

@@ -28,22 +28,33 @@ class JobCreateRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [
-            {"prompt": "a red circle above a blue square", "seed": 7, "n": 1,
-             "size": "32x32", "slo_ms": 5000},
-        ]},
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a red circle above a blue square",
+                    "seed": 7,
+                    "n": 1,
+                    "size": "32x32",
+                    "slo_ms": 5000,
+                },
+            ]
+        },
     )
 
     prompt: str = Field(description="Text prompt; not blank, at most T2I_MAX_PROMPT_CHARS.")
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED,
-                             description="Noise seed; random (31-bit) when omitted.")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Noise seed; random (31-bit) when omitted."
+    )
     n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="Images to generate (1..4).")
-    size: str | None = Field(default=None, description="'WxH' from T2I_ALLOWED_SIZES; "
-                             "T2I_DEFAULT_SIZE when omitted.")
-    slo_ms: int | None = Field(default=None, gt=0,
-                               description="Latency objective; sets the job's deadline.")
-    callback_url: HttpUrl | None = Field(default=None,
-                                         description="POSTed the final job state (webhook).")
+    size: str | None = Field(
+        default=None, description="'WxH' from T2I_ALLOWED_SIZES; T2I_DEFAULT_SIZE when omitted."
+    )
+    slo_ms: int | None = Field(
+        default=None, gt=0, description="Latency objective; sets the job's deadline."
+    )
+    callback_url: HttpUrl | None = Field(
+        default=None, description="POSTed the final job state (webhook)."
+    )
 
     _prompt_not_blank = field_validator("prompt")(_not_blank)
 
@@ -51,12 +62,19 @@ class JobCreateRequest(BaseModel):
 class JobCreated(BaseModel):
     """Answer of ``POST /v1/jobs`` (202): the job id and where to follow it."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10", "status": "queued",
-        "status_url": "http://127.0.0.1:8000/v1/jobs/3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10",
-        "result_url": "http://127.0.0.1:8000/v1/jobs/3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10/image",
-        "cancel_url": "http://127.0.0.1:8000/v1/jobs/3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10/cancel",
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10",
+                    "status": "queued",
+                    "status_url": "http://127.0.0.1:8000/v1/jobs/3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10",
+                    "result_url": "http://127.0.0.1:8000/v1/jobs/3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10/image",
+                    "cancel_url": "http://127.0.0.1:8000/v1/jobs/3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10/cancel",
+                }
+            ]
+        }
+    )
 
     id: str
     status: str
@@ -88,14 +106,29 @@ class JobStatusResponse(BaseModel):
     accepted, unfinished jobs enqueued before this one.
     """
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "id": "3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10", "status": "running", "tier": 1,
-        "predicted_tier": 1, "probabilities": [0.1, 0.7, 0.2],
-        "progress": {"step": 4, "total": 10}, "queue_position": None,
-        "timings": {"enqueued": 1764240000.0, "classified": 1764240000.05,
-                    "started": 1764240000.4, "finished": None},
-        "error": None, "images": 0,
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10",
+                    "status": "running",
+                    "tier": 1,
+                    "predicted_tier": 1,
+                    "probabilities": [0.1, 0.7, 0.2],
+                    "progress": {"step": 4, "total": 10},
+                    "queue_position": None,
+                    "timings": {
+                        "enqueued": 1764240000.0,
+                        "classified": 1764240000.05,
+                        "started": 1764240000.4,
+                        "finished": None,
+                    },
+                    "error": None,
+                    "images": 0,
+                }
+            ]
+        }
+    )
 
     id: str
     status: str
@@ -117,8 +150,11 @@ class CancelResponse(BaseModel):
     stops between two denoising steps and the job then becomes ``cancelled``.
     """
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"id": "3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10", "status": "cancelling"}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"id": "3f2c0d7e9b5a4c1e8d6f0a2b4c6e8f10", "status": "cancelling"}]
+        }
+    )
 
     id: str
     status: Literal["cancelled", "cancelling"]
@@ -134,9 +170,16 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="ignore",
-        json_schema_extra={"examples": [
-            {"prompt": "two green triangles", "n": 1, "size": "32x32",
-             "response_format": "b64_json"}]},
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "two green triangles",
+                    "n": 1,
+                    "size": "32x32",
+                    "response_format": "b64_json",
+                }
+            ]
+        },
     )
 
     prompt: str
@@ -159,8 +202,11 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     """Answer of ``POST /v1/images/generations`` (200), as in the OpenAI Images API."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"created": 1764240001, "data": [{"b64_json": "iVBORw0KGgo..."}]}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"created": 1764240001, "data": [{"b64_json": "iVBORw0KGgo..."}]}]
+        }
+    )
 
     created: int
     data: list[ImageData]
@@ -207,12 +253,22 @@ class HealthResponse(BaseModel):
 class ReadinessResponse(BaseModel):
     """Answer of ``GET /readyz``: 200 when ``ready``, else 503 with what is ``missing``."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "ready": False,
-        "checks": {"redis": "ok", "classifier": "ok", "controller": "missing",
-                   "workers": "0 live"},
-        "missing": ["controller", "workers"],
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "ready": False,
+                    "checks": {
+                        "redis": "ok",
+                        "classifier": "ok",
+                        "controller": "missing",
+                        "workers": "0 live",
+                    },
+                    "missing": ["controller", "workers"],
+                }
+            ]
+        }
+    )
 
     ready: bool
     checks: dict[str, str]

@@ -1,0 +1,105 @@
+"""Solve time of the controller's allocation MILP (``services/controller/solver.py``).
+
+For 8/16/64 GPUs x 6/12 tiers and both formulations, solves ``repeats`` seeded synthetic
+instances and reports the median (and max) wall time of :func:`solve` in milliseconds,
+as a JSON list of ``{gpus, tiers, formulation, median_ms, max_ms, repeats}``.
+
+Synthetic inputs (seeded, realistic in shape; real profiles replace them later):
+- 6 tiers: Argus's artifact profile, SDXL with K in {0,5,...,25} of 50 steps skipped,
+  ``1.65 / (0.084 s * (50 - K))`` jobs/s per GPU, qualities 1.0 ... 0.915, one model.
+- 12 tiers: those six, three fewer-steps SDXL tiers and three lighter models
+  (SDXL-Lightning, SD-Turbo, Tiny-SD) with their published load times (12-47 s).
+- Each instance: load uniform in 40-110 % of the cluster's fastest capacity (light load
+  to overload), a Dirichlet predicted-tier mix, a random current allocation, and +-5 %
+  jitter on capacities.
+
+Target (issue 6): median <= 50 ms for 64 GPUs x 12 tiers. Usage::
+
+    python bench/solver.py [--repeats 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services.controller.solver import (  # noqa: E402
+    FORMULATIONS,
+    Problem,
+    SolverConfig,
+    TierSpec,
+    solve,
+)
+
+STEP_S = 0.084  # SDXL seconds per denoising step (Argus artifact profile)
+BATCH_GAIN = 1.65  # the artifact's per-GPU batching factor
+LOAD_TIME_S = {"sdxl": 47.0, "sdxl-lightning": 47.0, "sd-turbo": 22.0, "tiny-sd": 12.0}
+
+
+def base_tiers(count: int) -> list[tuple[float, float, str]]:
+    """``(capacity_per_gpu, quality, model)`` of ``count`` (6 or 12) synthetic tiers,
+    from exact to most approximate."""
+    tiers = [(BATCH_GAIN / (STEP_S * (50 - k)), q, "sdxl") for k, q in
+             zip((0, 5, 10, 15, 20, 25), (1.0, 0.97046, 0.95808, 0.94378, 0.93235, 0.9152),
+                 strict=True)]
+    if count == 12:
+        tiers += [(BATCH_GAIN / (STEP_S * s), q, "sdxl") for s, q in
+                  ((20, 0.90), (15, 0.885), (10, 0.86))]
+        tiers += [(BATCH_GAIN / 0.9, 0.85, "sdxl-lightning"), (BATCH_GAIN / 0.4, 0.80, "sd-turbo"),
+                  (BATCH_GAIN / 0.25, 0.72, "tiny-sd")]
+    return tiers
+
+
+def instance(rng: np.random.Generator, gpus: int, tiers: int) -> Problem:
+    """One seeded synthetic problem."""
+    specs = [TierSpec(k, cap * float(rng.uniform(0.95, 1.05)), q, model)
+             for k, (cap, q, model) in enumerate(base_tiers(tiers))]
+    fastest = max(s.capacity_per_gpu for s in specs) * 0.9  # default headroom
+    current = np.bincount(rng.integers(0, tiers, size=gpus), minlength=tiers)
+    return Problem(specs=specs, gpus=gpus,
+                   load=float(rng.uniform(0.4, 1.1)) * gpus * fastest,
+                   mix={k: float(v) for k, v in enumerate(rng.dirichlet(np.ones(tiers)))},
+                   current={k: int(v) for k, v in enumerate(current)},
+                   load_time_s=LOAD_TIME_S)
+
+
+def run_bench(repeats: int = 25, seed: int = 0) -> list[dict[str, Any]]:
+    """Median and max solve time per (GPUs, tiers, formulation), in milliseconds."""
+    config = SolverConfig(control_period_s=10.0)
+    out = []
+    for gpus in (8, 16, 64):
+        for tiers in (6, 12):
+            for formulation in FORMULATIONS:
+                rng = np.random.default_rng([seed, gpus, tiers])
+                times = []
+                for _ in range(repeats):
+                    sol = solve(instance(rng, gpus, tiers), formulation, config)
+                    if sol.status != "optimal":
+                        raise RuntimeError(f"{gpus}x{tiers} {formulation}: {sol.status}")
+                    times.append(sol.solve_ms)
+                out.append({"gpus": gpus, "tiers": tiers, "formulation": formulation,
+                            "median_ms": round(statistics.median(times), 2),
+                            "max_ms": round(max(times), 2), "repeats": repeats})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the JSON list."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(json.dumps(run_bench(args.repeats, args.seed), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

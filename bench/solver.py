@@ -16,6 +16,7 @@ Synthetic inputs (seeded, realistic in shape; real profiles replace them later):
 Target (issue 6): median <= 50 ms for 64 GPUs x 12 tiers. Usage::
 
     python bench/solver.py [--repeats 25]
+    python bench/solver.py --compare --repeats 40 --seed 1   # quality, flow vs argus
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.controller.solver import (  # noqa: E402
+from services.controller.solver import (
     FORMULATIONS,
     Problem,
     SolverConfig,
@@ -91,13 +92,47 @@ def run_bench(repeats: int = 25, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
+def compare(repeats: int = 40, seed: int = 1) -> list[dict[str, Any]]:
+    """Flow versus published formulation on the same synthetic instances.
+
+    ``quality_gain``: flow minus argus expected quality with switch and hysteresis costs
+    off (the pure allocation question). ``net_gain``: with the costs on, flow minus argus
+    net value per served job, both valued with per-prompt quality ``Q`` and the same
+    costs (the published formulation optimises tier-mean quality instead)."""
+    out = []
+    free = SolverConfig(hysteresis=0.0, switch_weight=0.0)
+    for gpus, tiers in ((8, 6), (16, 6), (8, 12), (64, 12)):
+        rng = np.random.default_rng([seed, gpus, tiers])
+        gains, nets = [], []
+        for _ in range(repeats):
+            p = instance(rng, gpus, tiers)
+            a, f = solve(p, "argus", free), solve(p, "flow", free)
+            gains.append(f.expected_quality - a.expected_quality)
+            a, f = solve(p, "argus"), solve(p, "flow")
+            served = max(p.load - a.unserved, 1e-9)
+            costs = sum(p.specs[j].quality * a.served[j] for j in a.served) - a.objective
+            nets.append((f.objective - (a.expected_quality * served - costs)) / served)
+        out.append({"gpus": gpus, "tiers": tiers, "instances": repeats,
+                    "flow_better": sum(g > 1e-6 for g in gains),
+                    "flow_worse": sum(g < -1e-6 for g in gains),
+                    "quality_gain_mean": round(statistics.mean(gains), 5),
+                    "quality_gain_max": round(max(gains), 5),
+                    "net_gain_mean": round(statistics.mean(nets), 5),
+                    "net_gain_min": round(min(nets), 5)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the JSON list."""
+    """Run the benchmark (or, with ``--compare``, the comparison); print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare", action="store_true",
+                        help="compare the formulations' quality instead of timing them")
     args = parser.parse_args(argv)
-    print(json.dumps(run_bench(args.repeats, args.seed), indent=1))
+    result = compare(args.repeats, args.seed) if args.compare else run_bench(args.repeats,
+                                                                            args.seed)
+    print(json.dumps(result, indent=1))
     return 0
 
 

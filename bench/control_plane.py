@@ -30,7 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.up import StackConfig, running_stack  # noqa: E402
+from services.up import StackConfig, running_stack
 
 
 def pct(values: list[float], q: float) -> float:
@@ -131,7 +131,7 @@ def main() -> int:
               "workers": args.workers, "gateway_workers": args.gateway_workers,
               "latency": latency, "throughput": throughput,
               "targets": {"p99_ms_at_200_per_s": 10, "submissions_per_s": 1000}}
-    print(json.dumps(result, indent=2))  # noqa: T201
+    print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -125,6 +125,8 @@ class JobStatusResponse(BaseModel):
                     },
                     "error": None,
                     "images": 0,
+                    "worker": "worker-0",
+                    "attempts": 1,
                 }
             ]
         }
@@ -140,6 +142,8 @@ class JobStatusResponse(BaseModel):
     timings: Timings
     error: str | None = None
     images: int = 0
+    worker: str | None = None
+    attempts: int = 0
 
 
 class CancelResponse(BaseModel):

@@ -175,6 +175,8 @@ class JobService:
             ),
             error=rec.error,
             images=rec.images,
+            worker=rec.worker,
+            attempts=rec.attempts,
         )
         return body, timing_headers(rec)
 

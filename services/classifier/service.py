@@ -1,0 +1,188 @@
+"""The classifier service loop: decide a tier per prompt, route it through the plan.
+
+Guarantees:
+- Each prompt entry is acknowledged exactly when its job is routed (``JobStore.route``
+  writes the job, appends to the tier stream and acks, atomically), skipped because the
+  job is already terminal (e.g. cancelled while queued: acked, not forwarded), or
+  dead-lettered as undecodable. A classifier that dies leaves its entries pending; live
+  ones reclaim them every ``claim_idle_ms / 2``.
+- A prompt entry dead-lettered after ``max_deliveries`` fails its job with the error.
+- The loop never dies on a bad entry or a Redis error: both are logged, the entry stays
+  pending (retried, then dead-lettered after ``max_deliveries``).
+- A served tier outside the registry (a stale routing row) falls back to the
+  predicted tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
+from common import keys, metrics
+from common.heartbeat import beat_forever, live_services
+from common.jobs import JobStore
+from common.messages import ClassifiedJob, PromptJob, ServiceHeartbeat
+from common.plans import PlanFollower
+from common.redisutil import connect
+from common.settings import ClassifierSettings
+from common.streams import Entry, StreamConsumer
+from common.tiers import Registry, load_registry
+from services.classifier.policies import Policy, draw, make_policy, route
+from services.worker.deadletter import dead_letter_error
+
+log = logging.getLogger(__name__)
+
+
+class Classifier:
+    """One classifier instance; ``run`` drives it until ``stop`` is set."""
+
+    def __init__(self, settings: ClassifierSettings, redis: aioredis.Redis,
+                 registry: Registry, policy: Policy) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.registry = registry
+        self.policy = policy
+        self.store = JobStore(redis, settings.job_ttl_s, settings.result_ttl_s)
+        self.plan = PlanFollower(redis)
+        self.consumer = StreamConsumer(
+            redis, keys.PROMPT_STREAM, keys.CLASSIFIER_GROUP, settings.instance,
+            claim_idle_ms=settings.claim_idle_ms, max_deliveries=settings.max_deliveries)
+        self.routed = 0
+        self.skipped = 0
+        self._last_reclaim = 0.0
+
+    def heartbeat(self) -> ServiceHeartbeat:
+        """This instance's heartbeat."""
+        plan = self.plan.plan
+        return ServiceHeartbeat(
+            instance=self.settings.instance, service="classifier",
+            detail={"policy": self.policy.name, "plan_version": plan.version if plan else 0,
+                    "routed": self.routed, "skipped": self.skipped})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Classify until ``stop`` is set; deletes the heartbeat key on exit."""
+        s = self.settings
+        await self.consumer.ensure_group()
+        helpers = [
+            asyncio.create_task(self.plan.run(), name="plan-follower"),
+            asyncio.create_task(beat_forever(self.redis, "classifier", s.instance,
+                                             self.heartbeat, s.heartbeat_interval_s,
+                                             s.heartbeat_ttl_s), name="heartbeat"),
+        ]
+        try:
+            while not stop.is_set():
+                try:
+                    await self.step()
+                except Exception:
+                    log.exception("classifier step failed")
+                    await asyncio.sleep(0.5)
+        finally:
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            try:
+                await self.redis.delete(keys.heartbeat_key("classifier", s.instance))
+            except Exception:
+                log.warning("could not delete the heartbeat (it expires by itself)")
+
+    async def step(self) -> None:
+        """Reclaim when due, else read one batch; classify and route it."""
+        s = self.settings
+        entries: list[Entry] = []
+        if time.monotonic() - self._last_reclaim >= s.claim_idle_ms / 2000:
+            self._last_reclaim = time.monotonic()
+            entries, dead = await self.consumer.reclaim(count=s.batch_size)
+            for entry in dead:
+                metrics.DEAD_LETTERS.labels(stream=self.consumer.stream).inc()
+                await self._fail_dead_lettered(entry)
+            if entries:
+                metrics.RECLAIMED.labels(stream=self.consumer.stream).inc(len(entries))
+        if not entries:
+            entries = await self.consumer.read(count=s.batch_size, block_ms=s.stream_block_ms)
+        if entries:
+            await self.classify(entries)
+
+    async def _fail_dead_lettered(self, entry: Entry) -> None:
+        """Fail the job of a prompt entry that ``reclaim`` dead-lettered (poison prompt)."""
+        try:
+            job = PromptJob.from_fields(entry.fields)
+        except (ValueError, ValidationError):
+            return
+        error = await dead_letter_error(self.redis, entry)
+        await self.store.fail(job.job_id, error)
+        log.warning("prompt dead-lettered: %s", error, extra={"job_id": job.job_id})
+
+    async def classify(self, entries: list[Entry]) -> None:
+        """Decide, draw and route every entry of one batch."""
+        jobs: list[tuple[Entry, PromptJob]] = []
+        for entry in entries:
+            try:
+                jobs.append((entry, PromptJob.from_fields(entry.fields)))
+            except (ValueError, ValidationError) as exc:
+                log.error("dead-lettering undecodable prompt entry %s: %s", entry.id, exc)
+                await self.consumer.record_error(entry.id, f"undecodable entry: {exc!r}")
+                await self.consumer.dead_letter_entry(entry, "undecodable")
+                metrics.DEAD_LETTERS.labels(stream=self.consumer.stream).inc()
+        if not jobs:
+            return
+        start = time.perf_counter()
+        decisions = self.policy.decide([job for _, job in jobs])
+        metrics.CLASSIFY.observe(time.perf_counter() - start)
+        plan = self.plan.plan
+        routing = plan.routing if plan else {}
+        version = plan.version if plan else 0
+        n_tiers = len(self.registry.tiers)
+        for (entry, job), decision in zip(jobs, decisions, strict=True):
+            served = route(decision.predicted_tier, routing, draw(job.job_id, version))
+            if not 0 <= served < n_tiers:
+                log.warning("routing row %d names unknown tier %d; serving at %d",
+                            decision.predicted_tier, served, decision.predicted_tier)
+                served = decision.predicted_tier
+            classified = ClassifiedJob(
+                **job.model_dump(exclude={"schema_version"}), tier=served,
+                predicted_tier=decision.predicted_tier,
+                probabilities=decision.probabilities, policy=self.policy.name)
+            if await self.store.route(classified, entry.id, group=keys.CLASSIFIER_GROUP):
+                self.routed += 1
+            else:
+                self.skipped += 1
+                log.info("job not forwarded (already terminal)", extra={"job_id": job.job_id})
+
+
+async def run(settings: ClassifierSettings, stop: asyncio.Event | None = None) -> None:
+    """Serve as one classifier until ``stop`` is set (or SIGTERM/SIGINT if None).
+
+    Raises:
+        common.tiers.RegistryError: The tier registry is invalid.
+        services.classifier.policies.PolicyError: Unknown or misconfigured policy.
+    """
+    registry = load_registry(settings.tiers_file)
+    policy = make_policy(settings, registry)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    metrics.start_metrics_server(settings.metrics_port)
+    redis = connect(settings.redis_url)
+    log.info("classifier %s starting (policy %s)", settings.instance, policy.name)
+    try:
+        await Classifier(settings, redis, registry, policy).run(stop)
+    finally:
+        await redis.aclose()
+
+
+async def check(settings: ClassifierSettings) -> bool:
+    """True when at least one classifier heartbeat is live (Redis errors: False)."""
+    redis = connect(settings.redis_url, socket_timeout=2.0)
+    try:
+        return bool(await live_services(redis, "classifier"))
+    except Exception:
+        return False
+    finally:
+        await redis.aclose()

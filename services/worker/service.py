@@ -1,0 +1,57 @@
+"""Process-level entry points of the worker: ``run`` (serve) and ``check`` (health)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from common.heartbeat import live_workers
+from common.metrics import start_metrics_server
+from common.redisutil import connect
+from common.settings import WorkerSettings
+from common.tiers import load_registry
+from services.worker.backends import make_backend
+from services.worker.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+async def run(settings: WorkerSettings, stop: asyncio.Event | None = None) -> None:
+    """Serve as one worker until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
+
+    Raises:
+        common.tiers.RegistryError: The tier registry is invalid.
+        services.worker.backends.BackendError: The backend rejects the configuration.
+    """
+    registry = load_registry(settings.tiers_file)
+    backend = make_backend(settings, registry)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    start_metrics_server(settings.metrics_port)
+    redis = connect(settings.redis_url)
+    log.info("worker %s starting (backend %s, device %s)", settings.instance,
+             settings.backend, settings.device)
+    try:
+        await Worker(settings, redis, registry, backend).run(stop)
+    finally:
+        await redis.aclose()
+
+
+async def check(settings: WorkerSettings) -> bool:
+    """True when at least one worker heartbeat is live.
+
+    Instance names are per process (``host-pid``), so a health probe run as another
+    process cannot name "its" worker: on one host per container, any live worker
+    heartbeat means the worker is up. Redis errors count as unhealthy.
+    """
+    redis = connect(settings.redis_url, socket_timeout=2.0)
+    try:
+        return bool(await live_workers(redis))
+    except Exception:
+        return False
+    finally:
+        await redis.aclose()

@@ -30,17 +30,17 @@ from services.gateway.schemas import (
 from services.gateway.service import JobService
 
 
-def _service(request: Request) -> JobService:
+async def _service(request: Request) -> JobService:
     service: JobService = request.app.state.service
     return service
 
 
-def _settings(request: Request) -> GatewaySettings:
+async def _settings(request: Request) -> GatewaySettings:
     settings: GatewaySettings = request.app.state.settings
     return settings
 
 
-def _redis(request: Request) -> aioredis.Redis:
+async def _redis(request: Request) -> aioredis.Redis:
     redis: aioredis.Redis = request.app.state.redis
     return redis
 

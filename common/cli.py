@@ -16,7 +16,9 @@ from collections.abc import Sequence
 # heavy imports (torch) costs nothing to the others.
 AREAS: dict[str, str] = {
     "up": "services.up",
+    "demo": "services.demo",
     "world": "world.cli",
+    "bench": "services.controller.bench",
 }
 
 

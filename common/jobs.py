@@ -12,6 +12,7 @@ Guarantees:
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -92,6 +93,36 @@ return 1
 """
 
 
+# KEYS: job, cancel flag, inflight. ARGV: job_id, worker, tier, total, now, channel,
+# running event, cancelled event, terminal csv.
+# Returns {0, attempts} skip (unknown/terminal), {2, attempts} cancelled now, {1, attempts}
+# running; attempts = how many times the job had been started before.
+_ADMIT = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, 0} end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if string.find(',' .. ARGV[9] .. ',', ',' .. cur .. ',', 1, true) then return {0, attempts} end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[5])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('PUBLISH', ARGV[6], ARGV[8])
+  return {2, attempts}
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'tier', ARGV[3],
+           'started_at', ARGV[5], 'step', '0', 'total', ARGV[4], 'attempts', attempts + 1)
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return {1, attempts}
+"""
+
+
+class Admission(StrEnum):
+    """What a worker must do with a job it read (see :meth:`JobStore.admit`)."""
+
+    RUN = "run"
+    SKIP = "skip"
+    CANCELLED = "cancelled"
+
+
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
@@ -161,6 +192,7 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self._create = redis.register_script(_CREATE)
         self._transition = redis.register_script(_TRANSITION)
+        self._admit = redis.register_script(_ADMIT)
         self._route = redis.register_script(_ROUTE)
         self._expire = redis.register_script(_EXPIRE)
 
@@ -257,6 +289,26 @@ class JobStore:
         if res == 1:
             await aw(self.redis.hincrby(keys.job_key(job_id), "attempts", 1))
         return res == 1
+
+    async def admit(self, job_id: str, worker: str, tier: int, total: int
+                    ) -> tuple[Admission, int]:
+        """One atomic decision when a worker picks up a job: ``RUN`` (now running on
+        ``worker``), ``SKIP`` (unknown or already terminal: just acknowledge it) or
+        ``CANCELLED`` (cancel was requested before it started: now cancelled, never run).
+        Also returns how many times the job had been started before (0 on a first run)."""
+        t = now()
+        running = JobEvent(job_id=job_id, kind=EventKind.STATUS, status=JobState.RUNNING,
+                           tier=tier, step=0, total=total)
+        cancelled = JobEvent(job_id=job_id, kind=EventKind.STATUS, status=JobState.CANCELLED,
+                             tier=tier)
+        code, attempts = await self._admit(
+            keys=[keys.job_key(job_id), keys.cancel_key(job_id), keys.INFLIGHT],
+            args=[job_id, worker, tier, total, t, keys.events_channel(job_id),
+                  running.model_dump_json(), cancelled.model_dump_json(), _TERMINAL])
+        outcome = {0: Admission.SKIP, 1: Admission.RUN, 2: Admission.CANCELLED}[int(code)]
+        if outcome is Admission.CANCELLED:
+            await webhooks.enqueue_if_wanted(self.redis, job_id)
+        return outcome, int(attempts)
 
     async def progress(self, job_id: str, step: int, total: int) -> None:
         """Record and publish denoising progress (not a state change)."""

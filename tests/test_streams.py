@@ -83,3 +83,23 @@ async def test_cancel_queued_job_is_never_routed(aredis: aioredis.Redis) -> None
                                  entry.id)
     assert await aredis.xlen(keys.tier_stream(0)) == 0
     assert await store.request_cancel("nope") is None
+
+
+async def test_admit_runs_skips_and_cancels(aredis: aioredis.Redis) -> None:
+    from common.jobs import Admission
+
+    store = JobStore(aredis)
+    for job_id in ("a", "b", "c"):
+        await store.create(PromptJob(job_id=job_id, prompt="p", seed=0))
+    assert await store.admit("a", "w1", 0, 20) == (Admission.RUN, 0)
+    assert await store.admit("a", "w2", 0, 20) == (Admission.RUN, 1)  # reclaimed: 2nd start
+    rec = await store.get("a")
+    assert rec is not None and rec.worker == "w2" and rec.attempts == 2
+    await aredis.set(keys.cancel_key("b"), b"1")  # cancel flag seen before the start
+    assert await store.admit("b", "w1", 0, 20) == (Admission.CANCELLED, 0)
+    rec = await store.get("b")
+    assert rec is not None and rec.status is JobState.CANCELLED
+    await store.fail("c", "boom")
+    assert (await store.admit("c", "w1", 0, 20))[0] is Admission.SKIP
+    assert (await store.admit("nope", "w1", 0, 20))[0] is Admission.SKIP
+    assert await store.backlog() == 1  # only "a" is unfinished

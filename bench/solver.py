@@ -13,6 +13,9 @@ Synthetic inputs (seeded, realistic in shape; real profiles replace them later):
   to overload), a Dirichlet predicted-tier mix, a random current allocation, and +-5 %
   jitter on capacities.
 
+The instances and timing loop are ``services/controller/bench.py`` (also ``argus bench
+solver --json``); this script adds the formulation comparison.
+
 Target (issue 6): median <= 50 ms for 64 GPUs x 12 tiers. Usage::
 
     python bench/solver.py [--repeats 25]
@@ -32,64 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.controller.solver import (
-    FORMULATIONS,
-    Problem,
-    SolverConfig,
-    TierSpec,
-    solve,
-)
-
-STEP_S = 0.084  # SDXL seconds per denoising step (Argus artifact profile)
-BATCH_GAIN = 1.65  # the artifact's per-GPU batching factor
-LOAD_TIME_S = {"sdxl": 47.0, "sdxl-lightning": 47.0, "sd-turbo": 22.0, "tiny-sd": 12.0}
-
-
-def base_tiers(count: int) -> list[tuple[float, float, str]]:
-    """``(capacity_per_gpu, quality, model)`` of ``count`` (6 or 12) synthetic tiers,
-    from exact to most approximate."""
-    tiers = [(BATCH_GAIN / (STEP_S * (50 - k)), q, "sdxl") for k, q in
-             zip((0, 5, 10, 15, 20, 25), (1.0, 0.97046, 0.95808, 0.94378, 0.93235, 0.9152),
-                 strict=True)]
-    if count == 12:
-        tiers += [(BATCH_GAIN / (STEP_S * s), q, "sdxl") for s, q in
-                  ((20, 0.90), (15, 0.885), (10, 0.86))]
-        tiers += [(BATCH_GAIN / 0.9, 0.85, "sdxl-lightning"), (BATCH_GAIN / 0.4, 0.80, "sd-turbo"),
-                  (BATCH_GAIN / 0.25, 0.72, "tiny-sd")]
-    return tiers
-
-
-def instance(rng: np.random.Generator, gpus: int, tiers: int) -> Problem:
-    """One seeded synthetic problem."""
-    specs = [TierSpec(k, cap * float(rng.uniform(0.95, 1.05)), q, model)
-             for k, (cap, q, model) in enumerate(base_tiers(tiers))]
-    fastest = max(s.capacity_per_gpu for s in specs) * 0.9  # default headroom
-    current = np.bincount(rng.integers(0, tiers, size=gpus), minlength=tiers)
-    return Problem(specs=specs, gpus=gpus,
-                   load=float(rng.uniform(0.4, 1.1)) * gpus * fastest,
-                   mix={k: float(v) for k, v in enumerate(rng.dirichlet(np.ones(tiers)))},
-                   current={k: int(v) for k, v in enumerate(current)},
-                   load_time_s=LOAD_TIME_S)
-
-
-def run_bench(repeats: int = 25, seed: int = 0) -> list[dict[str, Any]]:
-    """Median and max solve time per (GPUs, tiers, formulation), in milliseconds."""
-    config = SolverConfig(control_period_s=10.0)
-    out = []
-    for gpus in (8, 16, 64):
-        for tiers in (6, 12):
-            for formulation in FORMULATIONS:
-                rng = np.random.default_rng([seed, gpus, tiers])
-                times = []
-                for _ in range(repeats):
-                    sol = solve(instance(rng, gpus, tiers), formulation, config)
-                    if sol.status != "optimal":
-                        raise RuntimeError(f"{gpus}x{tiers} {formulation}: {sol.status}")
-                    times.append(sol.solve_ms)
-                out.append({"gpus": gpus, "tiers": tiers, "formulation": formulation,
-                            "median_ms": round(statistics.median(times), 2),
-                            "max_ms": round(max(times), 2), "repeats": repeats})
-    return out
+from services.controller.bench import instance, run_bench
+from services.controller.solver import SolverConfig, solve
 
 
 def compare(repeats: int = 40, seed: int = 1) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ ignore unknown fields. Stream entries hold one field, ``data``, with the model a
 
 from __future__ import annotations
 
+import math
 import time
 from enum import StrEnum
 from typing import Any, Self
@@ -40,6 +41,9 @@ class JobState(StrEnum):
 TERMINAL_STATES = frozenset(
     {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
 )
+
+DEADLINE_EXCEEDED = "deadline exceeded before start"
+"""Error of a job ended ``expired`` because it could not start before its deadline."""
 
 
 class Message(BaseModel):
@@ -83,6 +87,10 @@ class ClassifiedJob(PromptJob):
     probabilities: list[float] = []
     classified_at: float = Field(default_factory=now)
     policy: str = "fixed"
+    cache_neighbor: str | None = Field(
+        default=None, description="cached prompt id to resume from (cache tiers); "
+        "None: the worker looks up the nearest one itself")
+    cache_similarity: float | None = None
 
 
 class EventKind(StrEnum):
@@ -144,3 +152,59 @@ class AllocationPlan(Message):
     gpus_per_tier: dict[int, int] = {}
     routing: dict[int, dict[int, float]] = {}
     detail: dict[str, Any] = {}
+
+
+class OverloadEstimate(Message):
+    """The controller's overload estimate (``t2i:overload``, kept with a TTL).
+
+    ``delay_s`` is the estimated queueing delay of a job arriving now: the jobs waiting
+    ahead of it divided by the cluster's planned service rate.
+    """
+
+    overloaded: bool = False
+    delay_s: float = 0.0
+    unserved: float = 0.0
+    capacity: float = 0.0
+    at: float = Field(default_factory=now)
+
+    def retry_after(self, limit_s: float) -> int | None:
+        """Seconds to put in ``Retry-After`` when a new job must be refused, else None.
+
+        A job is refused only while ``overloaded`` and when ``delay_s`` exceeds
+        ``limit_s`` (the request's SLO, or the gateway's default limit); the answer is
+        ``ceil(delay_s)``, at least 1.
+        """
+        if not self.overloaded or self.delay_s <= limit_s:
+            return None
+        return max(1, math.ceil(self.delay_s))
+
+
+class ControllerState(Message):
+    """What the controller observed and decided in its latest period
+    (``t2i:controller:state``): exposed by ``GET /v1/tiers``, and read by the classifier
+    for the per-tier queueing delay (deadline handling).
+
+    Rates and capacities are jobs/s; delays seconds; tier ids are keys.
+    """
+
+    policy: str
+    plan_version: int = 0
+    formulation: str | None = None
+    workers: int = 0
+    gpus_per_tier: dict[int, int] = {}
+    capacity: dict[int, float] = {}
+    served: dict[int, float] = {}
+    unserved: float = 0.0
+    arrival_rate: float = 0.0
+    forecast: float = 0.0
+    demand: float = 0.0
+    mix: dict[int, float] = {}
+    backlog: dict[int, int] = {}
+    prompt_backlog: int = 0
+    queue_delay_s: dict[int, float] = {}
+    overload: OverloadEstimate = OverloadEstimate()
+    solve_ms: float | None = None
+    status: str = ""
+    detail: dict[str, Any] = {}
+    moved: int = 0
+    at: float = Field(default_factory=now)

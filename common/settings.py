@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,11 @@ class CommonSettings(BaseSettings):
         default=30_000, ge=100, description="pending entries idle this long are reclaimed"
     )
     max_deliveries: int = Field(default=3, ge=1, description="then dead-lettered")
+    deadline_policy: Literal["degrade", "expire"] = Field(
+        default="degrade", description="a job that cannot meet its deadline: served at a "
+        "cheaper tier (degrade) or ended as expired (expire); see docs/policies.md")
+    profile_device: str = Field(
+        default="", description="latency profile used for planning; '' = registry device")
 
 
 class GatewaySettings(CommonSettings):
@@ -60,6 +66,9 @@ class GatewaySettings(CommonSettings):
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     max_backlog: int = Field(default=10_000, gt=0, description="accepted, unfinished jobs")
     backlog_retry_after_s: int = Field(default=5, gt=0)
+    overload_max_delay_s: float = Field(
+        default=60.0, gt=0, description="while the controller reports overload, refuse "
+        "new jobs without slo_ms whose estimated queueing delay exceeds this")
     sync_timeout_s: float = Field(default=120.0, gt=0)
     sse_keepalive_s: float = Field(default=15.0, gt=0, description="SSE comment after silence")
     allowed_sizes: list[str] = ["32x32", "64x64", "256x256", "512x512", "1024x1024"]
@@ -72,18 +81,39 @@ class ClassifierSettings(CommonSettings):
     """Classifier service (tier decision)."""
 
     service_name: str = "classifier"
-    policy: str = "fixed"
+    policy: str = Field(default="static", description="T2I_POLICY: see docs/policies.md")
+    predictor: str = Field(default="fixed", description="per-prompt tier predictor of "
+                           "the argus, proteus and diffserve policies")
     fixed_tier: int = Field(default=0, ge=0)
     batch_size: int = Field(default=64, ge=1)
+    cascade_window: int = Field(default=1000, ge=1, description="diffserve: confidences "
+                                "remembered to rank a prompt's confidence")
+    state_max_age_s: float = Field(default=10.0, gt=0, description="ignore older "
+                                   "controller state for deadline estimates")
 
 
 class ControllerSettings(CommonSettings):
     """Controller service (plan publication)."""
 
     service_name: str = "controller"
-    policy: str = "static"
+    policy: str = Field(default="static", description="T2I_POLICY: see docs/policies.md")
     static_tier: int = Field(default=0, ge=0)
     control_period_s: float = Field(default=2.0, gt=0)
+    formulation: Literal["flow", "argus"] = "flow"
+    quality_file: Path = Field(default=REPO_ROOT / "profiles" / "world_quality.csv",
+                               description="per-prompt quality table; absent: registry")
+    quality_tolerance: float = Field(default=0.02, ge=0, description="a tier is safe for "
+                                     "a prompt when within this of the exact quality")
+    headroom: float = Field(default=0.1, ge=0, lt=1)
+    hysteresis: float = Field(default=0.02, ge=0)
+    switch_weight: float = Field(default=1.0, ge=0)
+    load_level_tau_s: float = Field(default=20.0, gt=0)
+    load_trend_tau_s: float = Field(default=60.0, gt=0)
+    load_horizon_s: float = Field(default=0.0, ge=0, description="0 = one control period")
+    drain_horizon_s: float = Field(default=60.0, gt=0, description="plan to drain the "
+                                   "backlog within this; longer drain = overloaded")
+    mix_window_s: int = Field(default=60, ge=1, description="seconds of predicted-tier mix")
+    arrivals_keep_s: int = Field(default=600, ge=10, description="then buckets are trimmed")
 
 
 class WorkerSettings(CommonSettings):
@@ -98,6 +128,15 @@ class WorkerSettings(CommonSettings):
     max_batch: int = Field(default=0, ge=0, description="0 = the tier's largest batch size")
     plan_wait_s: float = Field(default=30.0, gt=0, description="wait this long for a plan")
     keepalive_s: float = Field(default=5.0, gt=0, description="re-claim own entries this often")
+    cache_enabled: bool = Field(default=True, description="approximate cache (cache tiers)")
+    cache_budget_bytes: int = Field(default=1 << 30, gt=0,
+                                    description="total latent bytes per cache namespace")
+    cache_dtype: str = Field(default="native",
+                             description="stored latent dtype: native | float16 | float32")
+    cache_min_similarity: float = Field(
+        default=0.65, ge=-1, le=1, description="below this a cache tier job is a miss")
+    cache_refresh_s: float = Field(default=1.0, ge=0,
+                                   description="re-sync the local embedding index this often")
 
 
 class TaskSettings(CommonSettings):

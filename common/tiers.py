@@ -46,6 +46,10 @@ class Tier(BaseModel):
     batch_sizes: list[int] = [1]
     latency: dict[str, dict[int, float]] = {}
     quality_standin: str | None = None
+    quality: float | None = Field(default=None, ge=0, description="mean quality relative "
+                                  "to the exact tier (exact = 1.0), from profiling")
+    load_time_s: float | None = Field(default=None, ge=0, description="seconds to load "
+                                      "the tier's model on a GPU (the switch cost)")
     notes: str = ""
 
     @model_validator(mode="after")

@@ -27,15 +27,17 @@ from tests.tinysd import write_registry
 
 def test_fixed_policy_and_factory(tmp_path: Path) -> None:
     registry = load_registry(write_registry(tmp_path / "t.yaml", "m"))
-    policy = make_policy(ClassifierSettings(fixed_tier=1), registry)
+    policy = make_policy(ClassifierSettings(fixed_tier=1, policy="fixed"), registry)
     jobs = [PromptJob(job_id=str(i), prompt="p", seed=i) for i in range(3)]
     decisions = policy.decide(jobs)
     assert policy.name == "fixed"
     assert [(d.predicted_tier, d.probabilities) for d in decisions] == [(1, [0.0, 1.0])] * 3
     with pytest.raises(PolicyError, match="fixed tier 2"):
         FixedPolicy(2, 2)
-    with pytest.raises(PolicyError, match="unknown classifier policy 'argus'"):
-        make_policy(ClassifierSettings(policy="argus"), registry)
+    with pytest.raises(PolicyError, match="unknown policy 'nope'"):
+        make_policy(ClassifierSettings(policy="nope"), registry)
+    with pytest.raises(PolicyError, match="unknown predictor"):
+        make_policy(ClassifierSettings(policy="argus", predictor="nope"), registry)
 
 
 def test_route_follows_the_matrix() -> None:
@@ -104,7 +106,7 @@ async def test_service_routes_through_plan_and_skips_cancelled(
         assert await aredis.exists(keys.heartbeat_key("classifier", "c1"))
     assert [j.job_id for j in await tier_entries(aredis, 1)] == [first]
     (routed,) = await tier_entries(aredis, 0)
-    assert routed.job_id == second and routed.policy == "fixed" and routed.prompt == "a cat"
+    assert routed.job_id == second and routed.policy == "static" and routed.prompt == "a cat"
     assert (await JobStore(aredis).get(cancelled)).status == "cancelled"  # type: ignore[union-attr]
     info = await aredis.xpending(keys.PROMPT_STREAM, keys.CLASSIFIER_GROUP)
     assert info["pending"] == 0  # routed, skipped and bad entries are all acked
@@ -137,3 +139,33 @@ def test_check_exit_code(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Non
     beat = ServiceHeartbeat(instance="x", service="classifier").model_dump_json()
     redis.Redis.from_url(redis_url).set(keys.heartbeat_key("classifier", "x"), beat, px=5000)
     assert main(["--check"]) == 0
+
+
+async def test_mix_is_counted_and_deadlines_handled(
+        aredis: aioredis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """Predictions land in ``t2i:mix``; a job past its deadline is expired (expire
+    policy) with a clear error; with degrade, a job whose routed tier is too slow by the
+    controller's estimate goes to a cheaper tier."""
+    from common.messages import DEADLINE_EXCEEDED, ControllerState, now
+    from common.redisutil import aw
+
+    tiers = write_registry(tmp_path / "t.yaml", "m", latency={1: 1.0, 2: 1.5, 4: 2.0})
+    store = JobStore(aredis)
+    late = PromptJob(job_id=uuid.uuid4().hex, prompt="late", seed=1, deadline=now() - 1)
+    await store.create(late)
+    cfg = ClassifierSettings(redis_url=redis_url, instance="c1", tiers_file=tiers,
+                             stream_block_ms=100, deadline_policy="expire")
+    async with classifier(cfg):
+        rec = await state(aredis, late.job_id, JobState.EXPIRED)
+    assert rec.error == DEADLINE_EXCEEDED and rec.tier is None
+    assert await aredis.zcard(keys.INFLIGHT) == 0
+    # Degrade: tier 0 has a 30 s queue, tier 1 none; a 5 s deadline moves the job.
+    await aredis.set(keys.CONTROLLER_STATE, ControllerState(
+        policy="static", queue_delay_s={0: 30.0, 1: 0.0}).model_dump_json())
+    job = PromptJob(job_id=uuid.uuid4().hex, prompt="hurry", seed=1, deadline=now() + 5)
+    await store.create(job)
+    async with classifier(cfg.model_copy(update={"deadline_policy": "degrade"})):
+        rec = await state(aredis, job.job_id, JobState.CLASSIFIED)
+    assert (rec.predicted_tier, rec.tier) == (0, 1)
+    mix = {k.decode(): int(v) for k, v in (await aw(aredis.hgetall(keys.MIX))).items()}
+    assert sum(mix.values()) == 2 and all(k.endswith(":0") for k in mix)

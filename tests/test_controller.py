@@ -18,6 +18,7 @@ from common.tiers import load_registry
 from services.controller.__main__ import main
 from services.controller.policies import (
     Draft,
+    Observation,
     PolicyError,
     StaticPolicy,
     assign,
@@ -65,7 +66,7 @@ def test_static_policy_and_change_detection(tmp_path: Path) -> None:
     registry = load_registry(write_registry(tmp_path / "t.yaml", "m"))
     policy = make_policy(ControllerSettings(static_tier=1), registry)
     workers = [WorkerHeartbeat(instance=n) for n in ("b", "a")]
-    draft = policy.plan(workers, None)
+    draft = policy.plan(Observation(workers), None)
     assert draft.gpus_per_tier == {0: 0, 1: 2} and draft.assignments == {"a": 1, "b": 1}
     assert draft.routing == {0: {1: 1.0}, 1: {1: 1.0}}
     plan = AllocationPlan(version=3, policy="static", assignments=draft.assignments,
@@ -75,7 +76,9 @@ def test_static_policy_and_change_detection(tmp_path: Path) -> None:
     assert plan_changed(plan, Draft(draft.gpus_per_tier, draft.assignments, {}))
     with pytest.raises(PolicyError, match="static tier 5"):
         StaticPolicy(5, 2)
-    with pytest.raises(PolicyError, match="unknown controller policy"):
+    with pytest.raises(PolicyError, match="unknown policy 'nope'"):
+        make_policy(ControllerSettings(policy="nope"), registry)
+    with pytest.raises(PolicyError, match="needs latency profiles"):
         make_policy(ControllerSettings(policy="argus"), registry)
 
 
@@ -202,3 +205,51 @@ async def test_services_together_serve_a_job(
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert not await aredis.keys(keys.heartbeat_pattern("*"))
+
+
+async def test_step_observes_load_mix_and_reports_overload(
+        aredis: aioredis.Redis, redis_url: str, tmp_path: Path) -> None:
+    """Arrivals and mix buckets are counted once and trimmed; the state and overload
+    keys say what the solver decided; ``/v1/tiers`` and the gateway's 429 follow them."""
+    from common.messages import ControllerState, OverloadEstimate
+    from common.redisutil import aw
+    from tests.test_gateway_support import error_of, gateway, settings_for
+    from tests.test_policies import write_tiers
+
+    reg = write_tiers(tmp_path / "t.yaml", [{1: 1.0, 2: 1.6}, {1: 0.25, 2: 0.4}], [1.0, 0.8])
+    cfg = ControllerSettings(redis_url=redis_url, tiers_file=reg, instance="ctl",
+                             policy="argus", quality_file=tmp_path / "none.csv",
+                             control_period_s=1.0, drain_horizon_s=5.0)
+    registry = load_registry(reg)
+    controller = Controller(cfg, aredis, registry, make_policy(cfg, registry))
+    await _live(aredis, "w1", "w2")
+    second = int(time.time())
+    await aw(aredis.hset(keys.ARRIVALS, mapping={
+        str(second - 1000): 7, **{str(second - d): 10 for d in (1, 2, 3)}}))
+    await aw(aredis.hset(keys.MIX, mapping={
+        keys.mix_field(second - 1000, 1): 50, keys.mix_field(second - 2, 0): 3,
+        keys.mix_field(second - 2, 1): 1}))
+    controller.last_second = second - 4
+    plan = await controller.step()
+    assert plan is not None and plan.detail["quality_source"] == "registry"
+    raw = await aredis.get(keys.CONTROLLER_STATE)
+    state = ControllerState.model_validate_json(raw)
+    # 30 arrivals in 3 s: 10 jobs/s, beyond 2 GPUs even at the cheap tier (2 x 4.5).
+    assert state.arrival_rate == 10.0 and state.forecast == 10.0
+    assert state.mix == {0: 0.75, 1: 0.25} and state.gpus_per_tier == {0: 0, 1: 2}
+    assert state.unserved > 0 and state.overload.overloaded and state.formulation == "flow"
+    assert state.solve_ms is not None and state.capacity == {1: 10.0}
+    assert not await aw(aredis.hexists(keys.ARRIVALS, str(second - 1000)))  # trimmed
+    assert not await aw(aredis.hexists(keys.MIX, keys.mix_field(second - 1000, 1)))
+    assert await aredis.pttl(keys.OVERLOAD) > 0
+    # The gateway refuses new jobs while the estimated delay exceeds the request's SLO.
+    await aredis.set(keys.OVERLOAD, OverloadEstimate(
+        overloaded=True, delay_s=12.2).model_dump_json(), px=5000)
+    async with gateway(settings_for(redis_url)) as client:
+        assert (await client.post("/v1/jobs", json={"prompt": "a"})).status_code == 202
+        resp = await client.post("/v1/jobs", json={"prompt": "a", "slo_ms": 5000})
+        assert resp.status_code == 429 and resp.headers["retry-after"] == "13"
+        assert error_of(resp)["code"] == "overloaded"
+        tiers = (await client.get("/v1/tiers")).json()
+        assert tiers["controller"]["policy"] == "argus"
+        assert tiers["controller"]["gpus_per_tier"] == {"0": 0, "1": 2}

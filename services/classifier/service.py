@@ -11,6 +11,11 @@ Guarantees:
   pending (retried, then dead-lettered after ``max_deliveries``).
 - A served tier outside the registry (a stale routing row) falls back to the
   predicted tier.
+- Every decided batch adds its predicted tiers to ``t2i:mix`` (per-second buckets), the
+  mix the controller plans for.
+- Jobs with a deadline are checked against the controller's per-tier queueing delay
+  (``services.classifier.deadline``): degraded to a cheaper tier or ended ``expired``
+  per ``T2I_DEADLINE_POLICY``, never silently dropped.
 """
 
 from __future__ import annotations
@@ -26,13 +31,29 @@ from pydantic import ValidationError
 from common import keys, metrics
 from common.heartbeat import beat_forever, live_services
 from common.jobs import JobStore
-from common.messages import ClassifiedJob, PromptJob, ServiceHeartbeat
+from common.messages import (
+    DEADLINE_EXCEEDED,
+    ClassifiedJob,
+    ControllerState,
+    JobState,
+    PromptJob,
+    ServiceHeartbeat,
+    now,
+)
 from common.plans import PlanFollower
 from common.redisutil import connect
 from common.settings import ClassifierSettings
 from common.streams import Entry, StreamConsumer
 from common.tiers import Registry, load_registry
-from services.classifier.policies import Policy, draw, make_policy, route
+from services.classifier import deadline
+from services.classifier.policies import (
+    Decision,
+    Policy,
+    PolicyError,
+    draw,
+    make_policy,
+    route,
+)
 from services.worker.deadletter import dead_letter_error
 
 log = logging.getLogger(__name__)
@@ -54,7 +75,14 @@ class Classifier:
             claim_idle_ms=settings.claim_idle_ms, max_deliveries=settings.max_deliveries)
         self.routed = 0
         self.skipped = 0
+        self.degraded = 0
+        self.expired = 0
         self._last_reclaim = 0.0
+        self._state: ControllerState | None = None
+        self._state_read = 0.0
+        device = settings.profile_device or registry.device
+        self.service_s = {t.id: s for t in registry.tiers
+                          if (s := t.batch_latency(device, 1)) is not None}
 
     def heartbeat(self) -> ServiceHeartbeat:
         """This instance's heartbeat."""
@@ -62,7 +90,8 @@ class Classifier:
         return ServiceHeartbeat(
             instance=self.settings.instance, service="classifier",
             detail={"policy": self.policy.name, "plan_version": plan.version if plan else 0,
-                    "routed": self.routed, "skipped": self.skipped})
+                    "routed": self.routed, "skipped": self.skipped,
+                    "degraded": self.degraded, "expired": self.expired})
 
     async def run(self, stop: asyncio.Event) -> None:
         """Classify until ``stop`` is set; deletes the heartbeat key on exit."""
@@ -131,20 +160,33 @@ class Classifier:
         if not jobs:
             return
         start = time.perf_counter()
-        decisions = self.policy.decide([job for _, job in jobs])
+        # In a thread: a policy may embed prompts or do blocking cache I/O (nirvana).
+        decisions = await asyncio.to_thread(self.policy.decide, [job for _, job in jobs])
         metrics.CLASSIFY.observe(time.perf_counter() - start)
         plan = self.plan.plan
         routing = plan.routing if plan else {}
         version = plan.version if plan else 0
         n_tiers = len(self.registry.tiers)
+        await self._count_mix(decisions)
+        wait = await self._queue_delays()
         for (entry, job), decision in zip(jobs, decisions, strict=True):
-            served = route(decision.predicted_tier, routing, draw(job.job_id, version))
+            u = decision.draw if decision.draw is not None else draw(job.job_id, version)
+            served = route(decision.predicted_tier, routing, u)
             if not 0 <= served < n_tiers:
                 log.warning("routing row %d names unknown tier %d; serving at %d",
                             decision.predicted_tier, served, decision.predicted_tier)
                 served = decision.predicted_tier
+            verdict = deadline.decide(served, now(), job.deadline, wait, self.service_s,
+                                      self.settings.deadline_policy)
+            if verdict.action == "expire":
+                await self._expire(entry, job)
+                continue
+            if verdict.action == "degraded":
+                self.degraded += 1
+                log.info("deadline: tier %d -> %d", served, verdict.tier,
+                         extra={"job_id": job.job_id})
             classified = ClassifiedJob(
-                **job.model_dump(exclude={"schema_version"}), tier=served,
+                **job.model_dump(exclude={"schema_version"}), tier=verdict.tier,
                 predicted_tier=decision.predicted_tier,
                 probabilities=decision.probabilities, policy=self.policy.name)
             if await self.store.route(classified, entry.id, group=keys.CLASSIFIER_GROUP):
@@ -152,6 +194,42 @@ class Classifier:
             else:
                 self.skipped += 1
                 log.info("job not forwarded (already terminal)", extra={"job_id": job.job_id})
+
+    async def _count_mix(self, decisions: list[Decision]) -> None:
+        """Add this batch's predicted tiers to the controller's mix buckets."""
+        second = int(now())
+        counts: dict[int, int] = {}
+        for d in decisions:
+            counts[d.predicted_tier] = counts.get(d.predicted_tier, 0) + 1
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tier, n in counts.items():
+                pipe.hincrby(keys.MIX, keys.mix_field(second, tier), n)
+            pipe.expire(keys.MIX, 3600)  # bounded even when no controller trims it
+            await pipe.execute()
+
+    async def _queue_delays(self) -> dict[int, float]:
+        """Per-tier queueing delay from the controller's state (re-read at most every
+        0.5 s); empty when there is none or it is older than ``state_max_age_s``."""
+        if time.monotonic() - self._state_read >= 0.5:
+            self._state_read = time.monotonic()
+            raw = await self.redis.get(keys.CONTROLLER_STATE)
+            try:
+                self._state = ControllerState.model_validate_json(raw) if raw else None
+            except ValidationError:
+                self._state = None
+        state = self._state
+        if state is None or now() - state.at > self.settings.state_max_age_s:
+            return {}
+        return dict(state.queue_delay_s)
+
+    async def _expire(self, entry: Entry, job: PromptJob) -> None:
+        """End a job that cannot start before its deadline (expire policy), then ack."""
+        if await self.store.transition(job.job_id, JobState.EXPIRED, error=DEADLINE_EXCEEDED,
+                                       finished_at=now()) == 1:
+            self.expired += 1
+            metrics.JOBS.labels(tier="none", status="expired").inc()
+            log.info("job expired: %s", DEADLINE_EXCEEDED, extra={"job_id": job.job_id})
+        await self.consumer.ack(entry.id)
 
 
 async def run(settings: ClassifierSettings, stop: asyncio.Event | None = None) -> None:
@@ -162,7 +240,16 @@ async def run(settings: ClassifierSettings, stop: asyncio.Event | None = None) -
         services.classifier.policies.PolicyError: Unknown or misconfigured policy.
     """
     registry = load_registry(settings.tiers_file)
-    policy = make_policy(settings, registry)
+    lookup = None
+    if settings.policy == "nirvana":
+        from services.classifier.cache_lookup import build_lookup
+
+        try:
+            lookup = build_lookup(settings.redis_url, registry)
+        except (ValueError, OSError) as exc:
+            raise PolicyError(f"policy 'nirvana': cannot embed prompts for the cache "
+                              f"lookup: {exc}") from exc
+    policy = make_policy(settings, registry, lookup)
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

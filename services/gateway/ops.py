@@ -1,5 +1,5 @@
-"""Introspection for operators: tiers with plan and backlogs (``/v1/tiers``), and
-readiness (``/readyz``).
+"""Introspection for operators: tiers with plan, backlogs and the controller's latest
+state (``/v1/tiers``), and readiness (``/readyz``).
 
 Readiness means the gateway can accept work that will be served: Redis answers PING, a
 classifier and a controller have a fresh heartbeat, and at least one worker is alive.
@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import keys
 from common.heartbeat import fresh, live_services, live_workers
-from common.messages import AllocationPlan
+from common.messages import AllocationPlan, ControllerState
 from common.redisutil import text
 from common.settings import GatewaySettings
 from common.tiers import load_registry
@@ -89,7 +89,21 @@ async def tiers(redis: aioredis.Redis, settings: GatewaySettings) -> TiersRespon
             )
         )
     prompts = await stream_backlog(redis, keys.PROMPT_STREAM, keys.CLASSIFIER_GROUP)
-    return TiersResponse(registry=registry.name, tiers=out, plan=plan, prompt_backlog=prompts)
+    return TiersResponse(registry=registry.name, tiers=out, plan=plan, prompt_backlog=prompts,
+                         controller=await controller_state(redis))
+
+
+async def controller_state(redis: aioredis.Redis) -> ControllerState | None:
+    """The controller's latest state (``t2i:controller:state``), or None when absent
+    (no controller, or it stopped more than a few periods ago) or unreadable."""
+    raw = await redis.get(keys.CONTROLLER_STATE)
+    if raw is None:
+        return None
+    try:
+        return ControllerState.model_validate_json(raw)
+    except ValidationError as exc:
+        log.warning("unreadable controller state at %s: %s", keys.CONTROLLER_STATE, exc)
+        return None
 
 
 async def readiness(

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-from common.messages import AllocationPlan
+from common.messages import AllocationPlan, ControllerState
 
 MAX_IMAGES = 4
 MAX_SEED = 2**31 - 1
@@ -240,12 +240,14 @@ class TierInfo(BaseModel):
 
 
 class TiersResponse(BaseModel):
-    """Answer of ``GET /v1/tiers``: the registry, the current plan (or null) and backlogs."""
+    """Answer of ``GET /v1/tiers``: the registry, the current plan (or null), backlogs and
+    the controller's latest state (or null)."""
 
     registry: str
     tiers: list[TierInfo]
     plan: AllocationPlan | None = None
     prompt_backlog: StreamBacklog
+    controller: ControllerState | None = None
 
 
 class HealthResponse(BaseModel):

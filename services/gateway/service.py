@@ -8,6 +8,10 @@ Guarantees:
   a seed gets the original job (and its seed) back.
 - Over ``max_backlog`` unfinished jobs, new jobs are refused with 429 and
   ``Retry-After``; a replay of an existing idempotent request is still answered.
+- While the controller's overload estimate (``t2i:overload``) says overloaded and its
+  estimated queueing delay exceeds the request's ``slo_ms`` (or ``overload_max_delay_s``
+  without one), new jobs are refused with 429 and ``Retry-After`` = the delay rounded up
+  (>= 1 s); replays of idempotent requests are still answered.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import json
 import secrets
 import uuid
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from common import keys
 from common.jobs import BacklogFull, JobRecord, JobStore
-from common.messages import JobState, PromptJob, now
+from common.messages import JobState, OverloadEstimate, PromptJob, now
 from common.metrics import BACKLOG
 from common.settings import GatewaySettings
 from services.gateway import sse
@@ -104,6 +108,28 @@ class JobService:
             )
         return int(width), int(height)
 
+    async def _check_overload(self, slo_ms: int | None, idempotency_key: str | None) -> None:
+        """Raise 429 per the controller's overload estimate (module guarantees)."""
+        raw = await self.redis.get(keys.OVERLOAD)
+        if raw is None:
+            return
+        try:
+            estimate = OverloadEstimate.model_validate_json(raw)
+        except ValidationError:
+            return
+        limit = slo_ms / 1000 if slo_ms else self.settings.overload_max_delay_s
+        retry = estimate.retry_after(limit)
+        if retry is None:
+            return
+        if idempotency_key and await self.redis.exists(keys.idem_key(idempotency_key)):
+            return  # a replay: answered with the original job
+        raise Overloaded(
+            f"the cluster is overloaded: estimated queueing delay {estimate.delay_s:.1f} s "
+            f"exceeds {limit:g} s; retry in {retry} s",
+            code="overloaded",
+            headers={"Retry-After": str(retry)},
+        )
+
     async def submit(
         self, req: JobCreateRequest, base_url: str, idempotency_key: str | None = None
     ) -> JobCreated:
@@ -111,6 +137,7 @@ class JobService:
         self._check_prompt(req.prompt)
         width, height = self._size(req.size)
         digest = body_hash(req)
+        await self._check_overload(req.slo_ms, idempotency_key)
         enqueued = now()
         job = PromptJob(
             job_id=uuid.uuid4().hex,

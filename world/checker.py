@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from world.scenes import COLOURS, SHAPES, SIZE, Meaning, render, shape_mask
+from world.render import render, shape_mask
+from world.scenes import COLOURS, SHAPES, SIZE, Meaning
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
@@ -88,9 +89,16 @@ def components(image: np.ndarray) -> list[Component]:
             if len(ys) < MIN_PIXELS:
                 continue
             ext = float(max(xs.max() - xs.min(), ys.max() - ys.min()) + 1)
-            out.append(Component(name, _shape_of(mask, ys, xs), len(ys),
-                                 float(xs.min() + xs.max()) / 2,
-                                 float(ys.min() + ys.max()) / 2, ext))
+            out.append(
+                Component(
+                    name,
+                    _shape_of(mask, ys, xs),
+                    len(ys),
+                    float(xs.min() + xs.max()) / 2,
+                    float(ys.min() + ys.max()) / 2,
+                    ext,
+                )
+            )
     out.sort(key=lambda c: -c.pixels)
     return out
 
@@ -150,16 +158,19 @@ def check(image: np.ndarray, meaning: Meaning) -> CheckResult:
             res[f"shape:{o.colour}"] = c is not None and c.shape == o.shape
             if o.size is not None:
                 res["size"] = c is not None and (
-                    c.extent <= SMALL_MAX_EXTENT if o.size == "small"
-                    else c.extent >= LARGE_MIN_EXTENT)
+                    c.extent <= SMALL_MAX_EXTENT
+                    if o.size == "small"
+                    else c.extent >= LARGE_MIN_EXTENT
+                )
             if o.position is not None:
                 res["position"] = c is not None and _position_ok(c, o.position)
         if meaning.category in ("single_object", "position"):
             res["count"] = len(comps) == 1
         if meaning.relation is not None:
             a, b = picked
-            res["relation"] = a is not None and b is not None and _relation_ok(
-                a, b, meaning.relation)
+            res["relation"] = (
+                a is not None and b is not None and _relation_ok(a, b, meaning.relation)
+            )
     score = sum(res.values()) / len(res)
     return CheckResult(float(score), res)
 

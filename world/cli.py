@@ -39,9 +39,14 @@ def _train_clip(args: argparse.Namespace) -> int:
     _threads(args)
     from world.train_clip import ClipTrainConfig, retrieval_top1, train_clip
 
-    cfg = ClipTrainConfig(out_dir=args.out, seed=args.seed, batch_size=args.batch_size,
-                          max_steps=args.steps, time_budget_s=args.time_budget,
-                          ckpt_every_s=args.ckpt_every)
+    cfg = ClipTrainConfig(
+        out_dir=args.out,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        time_budget_s=args.time_budget,
+        ckpt_every_s=args.ckpt_every,
+    )
     if args.tiny:
         cfg.model_cfg = _tiny_clip_cfg()
     path = train_clip(cfg)
@@ -52,21 +57,42 @@ def _train_clip(args: argparse.Namespace) -> int:
 
 
 def _tiny_clip_cfg() -> dict[str, Any]:
-    return {"embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8,
-                           "mlp_ratio": 1.0, "patch_size": 8},
-            "text_cfg": {"context_length": 24, "vocab_size": 64, "width": 16, "heads": 2,
-                         "layers": 1, "mlp_ratio": 1.0}}
+    return {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 16,
+            "head_width": 8,
+            "mlp_ratio": 1.0,
+            "patch_size": 8,
+        },
+        "text_cfg": {
+            "context_length": 24,
+            "vocab_size": 64,
+            "width": 16,
+            "heads": 2,
+            "layers": 1,
+            "mlp_ratio": 1.0,
+        },
+    }
 
 
 def _train_unet(args: argparse.Namespace) -> int:
     _threads(args)
     from world.unet import UNetTrainConfig, train_unet
 
-    cfg = UNetTrainConfig(out_dir=args.out, clip_path=args.clip, seed=args.seed,
-                          batch_size=args.batch_size, max_steps=args.steps,
-                          time_budget_s=args.time_budget, ckpt_every_s=args.ckpt_every,
-                          lr=args.lr, tiny=args.tiny)
+    cfg = UNetTrainConfig(
+        out_dir=args.out,
+        clip_path=args.clip,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        time_budget_s=args.time_budget,
+        ckpt_every_s=args.ckpt_every,
+        lr=args.lr,
+        tiny=args.tiny,
+    )
     path = train_unet(cfg)
     _emit({"pipeline": str(path)}, args.json)
     return 0
@@ -76,8 +102,7 @@ def _export(args: argparse.Namespace) -> int:
     _threads(args)
     from world.unet import export_pipeline
 
-    path = export_pipeline(Path(args.ckpt), Path(args.clip), Path(args.out),
-                           fp16=not args.fp32)
+    path = export_pipeline(Path(args.ckpt), Path(args.clip), Path(args.out), fp16=not args.fp32)
     _emit({"pipeline": str(path)}, args.json)
     return 0
 
@@ -86,9 +111,15 @@ def _eval(args: argparse.Namespace) -> int:
     _threads(args)
     from world.evaluate import evaluate
 
-    res = evaluate(args.model, n=args.n, steps=args.steps, seed=args.seed,
-                   guidance=args.guidance, seeds_per_prompt=args.seeds,
-                   sheet=args.sheet)
+    res = evaluate(
+        args.model,
+        n=args.n,
+        steps=args.steps,
+        seed=args.seed,
+        guidance=args.guidance,
+        seeds_per_prompt=args.seeds,
+        sheet=args.sheet,
+    )
     _emit(res, args.json)
     return 0
 
@@ -97,18 +128,52 @@ def _sheet(args: argparse.Namespace) -> int:
     _threads(args)
     from world.evaluate import write_sheet
 
-    path = write_sheet(args.model, args.prompts or None, Path(args.out), n=args.n,
-                       steps=args.steps, seed=args.seed, guidance=args.guidance)
+    path = write_sheet(
+        args.model,
+        args.prompts or None,
+        Path(args.out),
+        n=args.n,
+        steps=args.steps,
+        seed=args.seed,
+        guidance=args.guidance,
+    )
     _emit({"sheet": str(path)}, args.json)
     return 0
 
 
 def _approx(args: argparse.Namespace) -> int:
     _threads(args)
-    from world.approx import approx_report
+    from world.approx import approx_report, format_table
 
-    res = approx_report(args.model, n=args.n, steps=args.steps, seeds=args.seeds,
-                        seed=args.seed, guidance=args.guidance, bank=args.bank)
+    res = approx_report(
+        args.model,
+        n=args.n,
+        steps=args.steps,
+        seeds=args.seeds,
+        seed=args.seed,
+        guidance=args.guidance,
+        bank=args.bank,
+    )
+    if args.json:
+        _emit(res, True)
+    else:
+        sys.stdout.write(format_table(res))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    _threads(args)
+    from world.evaluate import guidance_sweep
+    from world.pipeline import load_world_pipeline
+
+    res = guidance_sweep(
+        load_world_pipeline(args.model),
+        args.n,
+        [float(g) for g in args.guidances.split(",")],
+        [int(s) for s in args.steps_list.split(",")],
+        seed=args.seed,
+        seeds_per_prompt=args.seeds,
+    )
     _emit(res, args.json)
     return 0
 
@@ -165,6 +230,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
     p.add_argument("--sheet", default=None, help="also write a contact sheet PNG here")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("sweep", help="checker/CLIP over guidance scales x step counts")
+    common(p)
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--n", type=int, default=48, help="number of held-out prompts")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
+    p.add_argument("--guidances", default="1,1.5,2")
+    p.add_argument("--steps-list", default="20,10,5")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("sheet", help="contact sheet PNG of prompts and images")
     gen(p, 12)

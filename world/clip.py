@@ -21,15 +21,23 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from open_clip.transformer import text_global_pool
 
 from world.scenes import COLOURS, SHAPES
 
 __all__ = [
-    "MODEL_NAME", "ModelMixin", "WordTokenizer", "WorldCLIP", "build_vocab", "clip_score",
-    "encode_text", "images_to_tensor", "load_clip", "text_states",
+    "MODEL_NAME",
+    "ModelMixin",
+    "WordTokenizer",
+    "WorldCLIP",
+    "build_vocab",
+    "clip_score",
+    "encode_text",
+    "images_to_tensor",
+    "load_clip",
+    "text_states",
 ]
 
 MODEL_NAME = "argus-tinyclip"
@@ -37,15 +45,15 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
 SPECIALS = ("<pad>", "<unk>", "<sot>", "<eot>")
 _TOKEN_RE = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
+_GRAMMAR_WORDS = """
+a an one two three 2 3 small large on the left right at top bottom in centre center middle
+above below under to of and , . picture image drawing photo white background there is
+"""
 
 
 def build_vocab() -> list[str]:
     """The world's vocabulary: specials (ids 0–3) then every word of the caption grammar."""
-    words = set(
-        "a an one two three 2 3 small large on the left right at top bottom in centre center "
-        "middle above below under to of and , . picture image drawing photo white background "
-        "there is".split()
-    )
+    words = set(re.findall(r"\S+", _GRAMMAR_WORDS))
     words |= set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES}
     return list(SPECIALS) + sorted(words)
 
@@ -76,8 +84,9 @@ class WordTokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write ``{"vocab": [...], "context_length": n}`` as JSON."""
-        Path(path).write_text(json.dumps(
-            {"vocab": self.vocab, "context_length": self.context_length}, indent=1))
+        Path(path).write_text(
+            json.dumps({"vocab": self.vocab, "context_length": self.context_length}, indent=1)
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> WordTokenizer:
@@ -86,19 +95,23 @@ class WordTokenizer:
         return cls(d["vocab"], int(d["context_length"]))
 
 
-class WorldCLIP(ModelMixin, ConfigMixin):  # type: ignore[misc]
+class WorldCLIP(ModelMixin, ConfigMixin):
     """The tiny CLIP (both towers) as a diffusers model, so pipelines can save/load it.
 
     ``self.clip`` is an ``open_clip.CLIP`` built from the registered ``argus-tinyclip``
     config with the vocabulary size and context length of the tokenizer.
     """
 
-    config_name = "config.json"
+    config_name = "config.json"  # type: ignore[assignment]
 
-    @register_to_config
-    def __init__(self, vocab: list[str] | None = None, context_length: int = 24,
-                 model_cfg: dict[str, Any] | None = None) -> None:
-        super().__init__()
+    @register_to_config  # type: ignore[untyped-decorator]
+    def __init__(
+        self,
+        vocab: list[str] | None = None,
+        context_length: int = 24,
+        model_cfg: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         vocab = vocab or build_vocab()
         cfg = json.loads(json.dumps(model_cfg or open_clip.get_model_config(MODEL_NAME)))
         cfg["text_cfg"]["vocab_size"] = len(vocab)
@@ -106,6 +119,8 @@ class WorldCLIP(ModelMixin, ConfigMixin):  # type: ignore[misc]
         cfg["text_cfg"]["pool_type"] = "eos"
         cfg["text_cfg"]["eos_id"] = SPECIALS.index("<eot>")
         self.clip = open_clip.CLIP(**cfg)
+        # Store the resolved vocabulary and config so saved models never depend on defaults.
+        self.register_to_config(vocab=list(vocab), model_cfg=cfg)  # type: ignore[no-untyped-call]
         self.tokenizer = WordTokenizer(vocab, context_length)
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
@@ -128,12 +143,13 @@ class WorldCLIP(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unnormalised image embeddings of ``B×3×32×32`` tensors in [-1, 1]."""
-        return self.clip.encode_image(images)
+        out: torch.Tensor = self.clip.encode_image(images)
+        return out
 
 
 def load_clip(path: str | Path) -> WorldCLIP:
     """Load a :class:`WorldCLIP` saved with ``save_pretrained`` (a directory), in eval mode."""
-    model = WorldCLIP.from_pretrained(str(path))
+    model: WorldCLIP = WorldCLIP.from_pretrained(str(path))
     model.eval()
     return model
 
@@ -148,7 +164,7 @@ def encode_text(model: WorldCLIP, prompts: str | Sequence[str]) -> np.ndarray:
 @torch.no_grad()
 def text_states(model: WorldCLIP, prompts: str | Sequence[str]) -> torch.Tensor:
     """Per-token text states ``B×T×D`` for UNet conditioning."""
-    return model(model.tokenize(prompts))
+    return model.text_forward(model.tokenize(prompts))[0]
 
 
 def images_to_tensor(images: np.ndarray | Sequence[Any]) -> torch.Tensor:
@@ -158,8 +174,9 @@ def images_to_tensor(images: np.ndarray | Sequence[Any]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_score(model: WorldCLIP, images: np.ndarray | Sequence[Any],
-               prompts: Sequence[str]) -> np.ndarray:
+def clip_score(
+    model: WorldCLIP, images: np.ndarray | Sequence[Any], prompts: Sequence[str]
+) -> np.ndarray:
     """CLIP score ``100·cos(image_i, prompt_i)`` per pair, float32 ``B``."""
     x = images_to_tensor(images).to(model.clip.logit_scale.device)
     im = F.normalize(model.encode_image(x).float(), dim=-1)

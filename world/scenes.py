@@ -8,7 +8,7 @@ square, upward triangle) in 6 colours. Every caption carries its structured mean
 Guarantees:
 
 * Rendering is a pure function of ``(meaning, rng state)``: same seed, same pixels.
-* :func:`render` always produces an image that satisfies its meaning under the rules of
+* :func:`world.render.render` always produces an image that satisfies its meaning under the rules of
   :mod:`world.checker` (objects never overlap; positions and relations have margin).
 * ``parse_caption(caption_text(m, rng)) == m`` for every meaning ``m`` and every template.
 * The held-out set (:func:`is_heldout`) is a fixed, seed-independent set of caption
@@ -71,10 +71,6 @@ RELATION_PHRASES = {
 }
 PREFIXES = ("", "", "", "a picture of ", "an image of ", "a drawing of ")
 SUFFIXES = ("", "", "", " on a white background", " on white")
-SMALL_R = (4.0, 5.5)
-LARGE_R = (8.0, 9.5)
-ANY_R = (4.0, 9.5)
-OBJ_R = (4.0, 6.5)
 
 
 @dataclass(frozen=True)
@@ -165,8 +161,10 @@ _REL = {p: rel for rel, ps in RELATION_PHRASES.items() for p in ps}
 _RE_SINGLE = re.compile(rf"^{_OBJ}(?:\s+({'|'.join(_POS)}))?$")
 _RE_COUNT = re.compile(rf"^(two|three|2|3)\s+({_COL})\s+({_SHP})s$")
 _RE_TWO = re.compile(rf"^{_OBJ_NOSIZE}\s+and\s+{_OBJ_NOSIZE}$")
-_RE_REL = re.compile(rf"^{_OBJ_NOSIZE}\s+({'|'.join(sorted(_REL, key=len, reverse=True))})\s+"
-                     rf"{_OBJ_NOSIZE}$")
+_RE_REL = re.compile(
+    rf"^{_OBJ_NOSIZE}\s+({'|'.join(sorted(_REL, key=len, reverse=True))})\s+"
+    rf"{_OBJ_NOSIZE}$"
+)
 _RE_TRIPLE = re.compile(rf"^{_OBJ_NOSIZE}\s*,\s*{_OBJ_NOSIZE}\s*,?\s+and\s+{_OBJ_NOSIZE}$")
 _PREFIX_RE = re.compile(r"^(?:(?:a|an)\s+(?:picture|image|drawing|photo)\s+of\s+|there\s+is\s+)")
 _SUFFIX_RE = re.compile(r"\s+on\s+(?:a\s+)?white(?:\s+background)?$")
@@ -187,8 +185,9 @@ def parse_caption(text: str) -> Meaning | None:
     if g := _RE_SINGLE.match(t):
         size, col, shp, pos = g.groups()
         position = _POS[pos] if pos else None
-        m = Meaning("position" if position else "single_object",
-                    (ObjectSpec(col, shp, size, position),))
+        m = Meaning(
+            "position" if position else "single_object", (ObjectSpec(col, shp, size, position),)
+        )
     elif g := _RE_COUNT.match(t):
         n = {"two": 2, "three": 3, "2": 2, "3": 3}[g.group(1)]
         m = Meaning("counting", (ObjectSpec(g.group(2), g.group(3)),), count=n)
@@ -296,125 +295,61 @@ def train_captions(n: int, seed: int) -> list[tuple[str, Meaning]]:
     return [(caption_text(m, rng), m) for m in (next(it) for _ in range(n))]
 
 
+def all_meanings(category: str) -> list[Meaning]:
+    """Every meaning (combination) of a category, in a fixed order."""
+    if category not in _ALL:
+        objs = [ObjectSpec(c, s) for c in COLOURS for s in SHAPES]
+        out: list[Meaning] = []
+        if category == "single_object":
+            out = [
+                Meaning(category, (ObjectSpec(o.colour, o.shape, z),))
+                for o in objs
+                for z in (None, *SIZES)
+            ]
+        elif category == "position":
+            out = [
+                Meaning(category, (ObjectSpec(o.colour, o.shape, None, p),))
+                for o in objs
+                for p in POSITIONS
+            ]
+        elif category == "counting":
+            out = [Meaning(category, (o,), count=n) for o in objs for n in (2, 3)]
+        elif category == "two_objects":
+            out = [Meaning(category, (a, b), count=2) for a in objs for b in objs]
+        elif category == "relation":
+            out = [
+                Meaning(category, (a, b), count=2, relation=r)
+                for a in objs
+                for b in objs
+                for r in RELATIONS
+            ]
+        elif category == "attribute_binding":
+            out = [Meaning(category, (a, b, c), count=3) for a in objs for b in objs for c in objs]
+        else:
+            raise ValueError(f"unknown category {category!r}")
+        _ALL[category] = [m for m in out if _valid(m)]
+    return _ALL[category]
+
+
+_ALL: dict[str, list[Meaning]] = {}
+
+
+def heldout_combinations(category: str) -> list[Meaning]:
+    """All held-out meanings of a category (fixed; independent of any seed)."""
+    return [m for m in all_meanings(category) if is_heldout(m)]
+
+
 def heldout_captions(n: int, seed: int = 0) -> list[tuple[str, Meaning]]:
     """``n`` held-out (canonical caption, meaning) pairs, stratified evenly over categories
-    (category ``i % 6`` for item ``i``), distinct while enough combinations exist."""
+    (category ``i % 6`` for item ``i``); within a category, a seeded permutation of its
+    held-out combinations, repeated when ``n`` exceeds their number."""
     rng = np.random.default_rng(seed)
-    iters = {c: heldout_meanings(rng, c) for c in CATEGORIES}
-    seen: set[Meaning] = set()
+    pools = {c: heldout_combinations(c) for c in CATEGORIES}
+    perms = {c: rng.permutation(len(p)) for c, p in pools.items()}
     out: list[tuple[str, Meaning]] = []
     for i in range(n):
         cat = CATEGORIES[i % len(CATEGORIES)]
-        for _ in range(200):
-            m = next(iters[cat])
-            if m not in seen:
-                break
-        seen.add(m)
+        j = i // len(CATEGORIES)
+        m = pools[cat][int(perms[cat][j % len(pools[cat])])]
         out.append((canonical_caption(m), m))
     return out
-
-
-# --------------------------------------------------------------------------- rendering
-_YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-
-
-def shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
-    """Boolean SIZE×SIZE mask of a shape whose bounding box is centred at (cx, cy).
-
-    circle: radius r; square: side 1.8r; triangle: upward, base and height 2r.
-    """
-    if shape == "circle":
-        return bool_((_XX - cx) ** 2 + (_YY - cy) ** 2 <= r * r)
-    if shape == "square":
-        h = 0.9 * r
-        return bool_((np.abs(_XX - cx) <= h) & (np.abs(_YY - cy) <= h))
-    if shape == "triangle":
-        dy = _YY - (cy - r)
-        return bool_((dy >= 0) & (_YY <= cy + r) & (np.abs(_XX - cx) <= dy / 2))
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def bool_(a: np.ndarray) -> np.ndarray:
-    """Cast to a boolean array."""
-    return np.asarray(a, dtype=bool)
-
-
-def half_extent(shape: str, r: float) -> float:
-    """Half the bounding-box side of a shape of radius parameter ``r``."""
-    return 0.9 * r if shape == "square" else r
-
-
-def _pos_range(pos: str | None, h: float, axis: str) -> tuple[float, float]:
-    lo, hi = h, SIZE - 1 - h
-    if pos == "centre":
-        return max(lo, 12.0), min(hi, 20.0)
-    if axis == "x" and pos == "left":
-        return lo, min(hi, 11.0)
-    if axis == "x" and pos == "right":
-        return max(lo, 21.0), hi
-    if axis == "y" and pos == "top":
-        return lo, min(hi, 11.0)
-    if axis == "y" and pos == "bottom":
-        return max(lo, 21.0), hi
-    return lo, hi
-
-
-def _radius(o: ObjectSpec, rng: np.random.Generator, multi: bool) -> float:
-    lo, hi = OBJ_R if multi else {"small": SMALL_R, "large": LARGE_R}.get(o.size or "", ANY_R)
-    return float(rng.uniform(lo, hi))
-
-
-def _separate(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
-    (ax, ay, ah), (bx, by, bh) = a, b
-    gap = 2.0
-    return abs(ax - bx) > ah + bh + gap or abs(ay - by) > ah + bh + gap
-
-
-def layout(m: Meaning, rng: np.random.Generator) -> list[tuple[ObjectSpec, float, float, float]]:
-    """Sample (object, cx, cy, r) placements for a meaning, satisfying its constraints."""
-    objs = list(m.objects) * (m.count if m.category == "counting" else 1)
-    multi = len(objs) > 1
-    for _ in range(1000):
-        placed: list[tuple[ObjectSpec, float, float, float]] = []
-        for o in objs:
-            r = _radius(o, rng, multi)
-            h = half_extent(o.shape, r)
-            x0, x1 = _pos_range(o.position, h, "x")
-            y0, y1 = _pos_range(o.position, h, "y")
-            placed.append((o, float(rng.uniform(x0, x1)), float(rng.uniform(y0, y1)), r))
-        boxes = [(cx, cy, half_extent(o.shape, r)) for o, cx, cy, r in placed]
-        if any(not _separate(boxes[i], boxes[j])
-               for i in range(len(boxes)) for j in range(i)):
-            continue
-        if m.relation is not None and not _relation_ok(m.relation, placed[0], placed[1]):
-            continue
-        return placed
-    raise RuntimeError(f"could not lay out {m}")
-
-
-def _relation_ok(rel: str, a: tuple[ObjectSpec, float, float, float],
-                 b: tuple[ObjectSpec, float, float, float]) -> bool:
-    dx, dy = a[1] - b[1], a[2] - b[2]
-    margin = 6.0
-    return {"above": -dy > margin, "below": dy > margin,
-            "left of": -dx > margin, "right of": dx > margin}[rel]
-
-
-def render(m: Meaning, rng: np.random.Generator) -> np.ndarray:
-    """Render a SIZE×SIZE×3 uint8 image satisfying ``m``."""
-    img = np.full((SIZE, SIZE, 3), 255, dtype=np.uint8)
-    for o, cx, cy, r in layout(m, rng):
-        img[shape_mask(o.shape, cx, cy, r)] = COLOURS[o.colour]
-    return img
-
-
-def batch(rng: np.random.Generator, n: int, heldout: bool = False,
-          ) -> tuple[np.ndarray, list[str], list[Meaning]]:
-    """``n`` rendered (image, caption, meaning) samples: images as n×3×32×32 float32 in
-    [-1, 1]; training combinations only unless ``heldout``."""
-    it = heldout_meanings(rng) if heldout else train_meanings(rng)
-    ms = [next(it) for _ in range(n)]
-    caps = [caption_text(m, rng) for m in ms]
-    imgs = np.stack([render(m, rng) for m in ms]).astype(np.float32)
-    x = imgs.transpose(0, 3, 1, 2) / 127.5 - 1.0
-    return x, caps, ms

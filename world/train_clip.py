@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from world import scenes
+from world import render, scenes
 from world.clip import WorldCLIP
 from world.train_common import (
     load_checkpoint,
@@ -49,8 +49,9 @@ class ClipTrainConfig:
     model_cfg: dict[str, Any] | None = None
 
 
-def soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
-                   keys: list[str]) -> torch.Tensor:
+def soft_clip_loss(
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, keys: list[str]
+) -> torch.Tensor:
     """Symmetric contrastive loss with targets spread uniformly over equal-meaning pairs."""
     logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
     k = np.array(keys)
@@ -69,9 +70,14 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     model = WorldCLIP(model_cfg=cfg.model_cfg)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": other, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": other, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
     step, elapsed = 0, 0.0
     if (ck := load_checkpoint(out)) is not None:
         model.load_state_dict(ck["model"])
@@ -84,8 +90,13 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     losses: list[float] = []
 
     def state() -> dict[str, Any]:
-        return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                "elapsed": time.time() - t0, "config": asdict(cfg)}
+        return {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "elapsed": time.time() - t0,
+            "config": asdict(cfg),
+        }
 
     while step < cfg.max_steps and time.time() - t0 < cfg.time_budget_s:
         for g in opt.param_groups:
@@ -97,7 +108,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
         img = model.encode_image(torch.from_numpy(x))
         loss = soft_clip_loss(img, txt, model.clip.logit_scale.exp(), keys)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
@@ -106,8 +117,13 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
         losses.append(loss.item())
         bar.update(1)
         if step % cfg.log_every == 0:
-            log.info("clip step %d loss %.4f lr %.2e elapsed %.0fs", step,
-                     float(np.mean(losses)), opt.param_groups[0]["lr"], time.time() - t0)
+            log.info(
+                "clip step %d loss %.4f lr %.2e elapsed %.0fs",
+                step,
+                float(np.mean(losses)),
+                opt.param_groups[0]["lr"],
+                time.time() - t0,
+            )
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
             losses = []
         if time.time() - last_ck > cfg.ckpt_every_s:
@@ -124,11 +140,10 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
 
 
 @torch.no_grad()
-def retrieval_top1(model: WorldCLIP, n: int = 256, seed: int = 123,
-                   heldout: bool = True) -> float:
+def retrieval_top1(model: WorldCLIP, n: int = 256, seed: int = 123, heldout: bool = True) -> float:
     """Text→image top-1 accuracy (an image of an equal-meaning caption counts)."""
     model.eval()
-    x, caps, ms = scenes.batch(np.random.default_rng(seed), n, heldout=heldout)
+    x, caps, ms = render.batch(np.random.default_rng(seed), n, heldout=heldout)
     _, txt = model.text_forward(model.tokenizer(caps))
     img = model.encode_image(torch.from_numpy(x))
     sim = F.normalize(txt, dim=-1) @ F.normalize(img, dim=-1).T

@@ -16,17 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from world import scenes
+from world import render, scenes
 
 log = logging.getLogger("world.train")
 CKPT_NAME = "checkpoint.pt"
 
 
-def step_batch(seed: int, step: int, n: int) -> tuple[np.ndarray, list[str],
-                                                       list[scenes.Meaning]]:
+def step_batch(seed: int, step: int, n: int) -> tuple[np.ndarray, list[str], list[scenes.Meaning]]:
     """The training batch of ``step``: (images n×3×32×32 in [-1,1], captions, meanings)."""
     rng = np.random.default_rng([seed, step])
-    return scenes.batch(rng, n)
+    return render.batch(rng, n)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, final_frac: float = 0.1) -> float:
@@ -44,8 +43,11 @@ class EMA:
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()
-                       if v.dtype.is_floating_point}
+        self.shadow = {
+            k: v.detach().clone()
+            for k, v in module.state_dict().items()
+            if v.dtype.is_floating_point
+        }
         self.steps = 0
 
     @torch.no_grad()

@@ -19,6 +19,9 @@ AREAS: dict[str, str] = {
     "demo": "services.demo",
     "world": "world.cli",
     "bench": "services.controller.bench",
+    "classifier": "services.classifier.cli",
+    "profile": "services.profile.cli",
+    "tiers": "services.profile.tiers_cli",
 }
 
 

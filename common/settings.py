@@ -90,6 +90,22 @@ class ClassifierSettings(CommonSettings):
                                 "remembered to rank a prompt's confidence")
     state_max_age_s: float = Field(default=10.0, gt=0, description="ignore older "
                                    "controller state for deadline estimates")
+    classifier_model: Path = Field(
+        default=REPO_ROOT / "models" / "classifier" / "model.json",
+        description="lgbm predictor: the trained model (argus classifier train)")
+    classifier_tolerance: float = Field(
+        default=0.05, ge=0, lt=1, description="a tier is safe for a prompt when its "
+        "relative quality is >= 1 - tolerance (training labels)")
+    classifier_confidence: float | None = Field(
+        default=None, ge=0, le=1, description="lgbm: serve the cheapest tier whose "
+        "safety probability is >= this; None: the model's calibrated value")
+    classifier_embedder: str = Field(
+        default="", description="lgbm: prompt embedder spec (world[:PATH] | "
+        "open_clip:MODEL[:PRETRAINED]); '' = the one the model was trained with")
+    classifier_reload_s: float = Field(default=5.0, gt=0, description="lgbm: seconds "
+                                       "between checks for a new model or registry file")
+    classifier_threads: int = Field(default=1, ge=0, description="lgbm: CPU threads "
+                                    "for embedding and prediction (0: library defaults)")
 
 
 class ControllerSettings(CommonSettings):
@@ -128,6 +144,7 @@ class WorkerSettings(CommonSettings):
     max_batch: int = Field(default=0, ge=0, description="0 = the tier's largest batch size")
     plan_wait_s: float = Field(default=30.0, gt=0, description="wait this long for a plan")
     keepalive_s: float = Field(default=5.0, gt=0, description="re-claim own entries this often")
+    cpu_threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 = torch default")
     cache_enabled: bool = Field(default=True, description="approximate cache (cache tiers)")
     cache_budget_bytes: int = Field(default=1 << 30, gt=0,
                                     description="total latent bytes per cache namespace")

@@ -101,6 +101,8 @@ def base_env(config: StackConfig, redis_url: str) -> dict[str, str]:
                 "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
     if config.tiers_file:
         env["T2I_TIERS_FILE"] = str(config.tiers_file)
+    if config.workers > 1 and (os.cpu_count() or 1) <= 2 * config.workers:
+        env.setdefault("T2I_CPU_THREADS", "1")  # CPU workers share few cores
     env.update(config.env)
     return env
 

@@ -132,13 +132,15 @@ def test_diffusers_backend_loads_the_world_pipeline_lazily(tmp_path: Path) -> No
         backend.generate([_job(0, size=64)], registry.tiers[0], lambda s, t: True)
 
 
-def test_diffusers_backend_refuses_cache_tiers_and_bad_dtypes() -> None:
+def test_diffusers_backend_serves_cache_tiers_refuses_bad_dtypes(tmp_path: Path) -> None:
     from common.tiers import Strategy, Tier
     from services.worker.backends.diffusers_backend import DiffusersBackend
 
     backend = DiffusersBackend(WorkerSettings())
-    cache = Tier(id=1, name="cache-10", strategy=Strategy.CACHE, model="m", steps=20, skip=10)
-    with pytest.raises(BackendError, match=r"cache tiers arrive with the approximate cache"):
+    missing = str(tmp_path / "no-such-model")
+    cache = Tier(id=1, name="cache-10", strategy=Strategy.CACHE, model=missing, steps=20,
+                 skip=10)
+    with pytest.raises(BackendError, match="not found"):  # the model, not the strategy
         backend.prepare(cache)
     assert backend.model_switches == 0 and backend.loaded_model is None
     with pytest.raises(BackendError, match="unknown dtype 'fp8'"):

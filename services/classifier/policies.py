@@ -34,7 +34,7 @@ POLICIES: dict[str, str] = {
 }
 """System policy name -> what the classifier does for it."""
 
-PREDICTORS = ("fixed",)
+PREDICTORS = ("fixed", "lgbm")
 """Per-prompt predictors usable by ``argus``, ``proteus`` and ``diffserve``."""
 
 
@@ -93,6 +93,10 @@ def make_predictor(settings: ClassifierSettings, registry: Registry, name: str) 
     """
     if settings.predictor == "fixed":
         return FixedPolicy(settings.fixed_tier, len(registry.tiers), name)
+    if settings.predictor == "lgbm":
+        from services.classifier.lgbm import make_lgbm_policy
+
+        return make_lgbm_policy(settings, registry, name)
     raise PolicyError(f"unknown predictor {settings.predictor!r} (T2I_PREDICTOR); "
                       f"choose one of {', '.join(PREDICTORS)}")
 

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from common import keys, metrics
 from common.heartbeat import beat_forever
 from common.jobs import JobStore
-from common.messages import ClassifiedJob, JobState, WorkerHeartbeat, now
+from common.messages import DEADLINE_EXCEEDED, ClassifiedJob, JobState, WorkerHeartbeat, now
 from common.plans import PlanFollower, tier_of
 from common.settings import WorkerSettings
 from common.streams import Entry, StreamConsumer
@@ -216,6 +216,12 @@ class Worker:
         if await self.store.cancel_requested(job.job_id):
             await self._cancelled(consumer, entry, job, tier)
             return False
+        if (self.settings.deadline_policy == "expire" and job.deadline is not None
+                and now() > job.deadline):  # last check at start (docs/policies.md)
+            await self.store.transition(job.job_id, JobState.EXPIRED, finished_at=now(),
+                                        error=DEADLINE_EXCEEDED)
+            await consumer.ack(entry.id)
+            return False
         if not await self.store.start(job.job_id, self.instance, tier.id, tier.unet_steps):
             await consumer.ack(entry.id)
             return False
@@ -273,16 +279,20 @@ class Worker:
         if error is not None:
             await self._failed(consumer, tier, works, error)
             return
+        extra = getattr(self.backend, "last_details", None) or []
         for i, work in enumerate(works):
             job = work.job
             if job.job_id in cancelled:
                 await self._cancelled(consumer, work.entry, job, tier)
                 continue
             finished = now()
-            stored = await self.store.succeed(
-                job.job_id, results[i], tier=tier.id,
-                detail={"backend": self.backend.name, "model": self.backend.loaded_model,
-                        "batch": len(works), "inference_s": round(seconds, 4)})
+            detail = {"backend": self.backend.name, "model": self.backend.loaded_model,
+                      "batch": len(works), "inference_s": round(seconds, 4),
+                      "strategy": tier.strategy.value, "unet_steps": tier.unet_steps}
+            if i < len(extra):
+                detail.update(extra[i])
+            stored = await self.store.succeed(job.job_id, results[i], tier=tier.id,
+                                              detail=detail)
             await consumer.ack(work.entry.id)  # only now: the result is stored
             if stored:
                 self.jobs_done += 1

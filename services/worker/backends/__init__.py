@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from common.messages import ClassifiedJob
 from common.settings import WorkerSettings
@@ -42,6 +42,9 @@ class Backend(Protocol):
 
     name: str
     model_switches: int
+    last_details: list[dict[str, Any]]
+    """Per-job extra record of the last ``generate`` (e.g. the cache outcome), merged
+    into the job's stored ``detail``; may be empty."""
 
     def model_for(self, tier: Tier) -> str:
         """The model (path or id) this backend uses for ``tier``."""
@@ -99,5 +102,5 @@ def make_backend(settings: WorkerSettings, registry: Registry) -> Backend:
     if settings.backend == "diffusers":
         from services.worker.backends.diffusers_backend import DiffusersBackend
 
-        return DiffusersBackend(settings)
+        return DiffusersBackend(settings, registry)
     raise BackendError(f"unknown backend {settings.backend!r}; choose one of {BACKENDS}")

@@ -8,6 +8,7 @@ step-sized slices so progress events and cancellation behave as with a real mode
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from common.messages import ClassifiedJob
 from common.settings import WorkerSettings
@@ -46,6 +47,7 @@ class EmulatedBackend:
         self.scale = settings.emulated_latency_scale
         self.model_override = settings.model
         self.model_switches = 0
+        self.last_details: list[dict[str, Any]] = []
         self._loaded: str | None = None
         check_profiles(registry, self.device, self.scale)
 

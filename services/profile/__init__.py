@@ -1,0 +1,1 @@
+"""Profiling commands: ``argus profile latency|quality`` and ``argus tiers show``."""

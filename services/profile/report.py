@@ -1,0 +1,164 @@
+"""Summaries of the quality and latency profiles (the tables of ``docs/tiers.md``).
+
+Per tier: mean relative quality (CLIP, per seed vs exact, averaged), the share of prompts
+within 5 % of exact (``rel_quality >= 0.95``), mean checker score and its mean change
+vs exact, latency per image at batch 1 and at the largest batch, speed-up vs exact,
+and for cache tiers the realised share of the theoretical saving at batch 1,
+``(t_exact - t_tier) / (t_exact * K / N)``. The seed noise floor (the exact tier
+re-run with other seeds) is summarised with the same statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.tiers import Registry, Strategy
+
+WITHIN = 0.95
+
+
+def _floats(rows: list[dict[str, str]], col: str) -> np.ndarray:
+    return np.array([float(r[col]) if r.get(col) not in (None, "") else np.nan
+                     for r in rows], np.float64)
+
+
+def _stats(rows: list[dict[str, str]]) -> dict[str, float]:
+    rel = _floats(rows, "rel_quality")
+    return {"n": float(len(rows)), "rel_quality": float(np.nanmean(rel)),
+            "within_5pct": float(np.nanmean(rel >= WITHIN)),
+            "checker_delta": float(np.nanmean(_floats(rows, "checker_delta")))}
+
+
+def summarize(registry: Registry, quality_csv: Path, floor_csv: Path | None,
+              device: str) -> dict[str, Any]:
+    """Per-tier summary rows and the noise floor (JSON-ready)."""
+    with quality_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    exact_t1 = registry.tiers[0].batch_latency(device, 1)
+    exact_big = registry.tiers[0].batch_latency(device, registry.tiers[0].max_batch)
+    tiers = []
+    for t in registry.tiers:
+        mine = [r for r in rows if r["tier"] == str(t.id)]
+        st: dict[str, Any] = dict(_stats(mine)) if mine else {"n": 0.0}
+        st["checker_mean"] = float(np.nanmean(_floats(mine, "checker_mean"))) if mine else 0
+        st["clip_mean"] = float(np.nanmean(_floats(mine, "clip_mean"))) if mine else 0
+        t1 = t.batch_latency(device, 1)
+        tb = t.batch_latency(device, t.max_batch)
+        st.update(id=t.id, name=t.name, strategy=t.strategy.value, unet_steps=t.unet_steps,
+                  s_per_image_b1=t1, s_per_image_bmax=tb / t.max_batch if tb else None,
+                  bmax=t.max_batch)
+        st["speedup_b1"] = exact_t1 / t1 if exact_t1 and t1 else None
+        st["speedup_bmax"] = (exact_big / registry.tiers[0].max_batch) / (tb / t.max_batch) \
+            if exact_big and tb else None
+        if t.strategy is Strategy.CACHE and exact_t1 and t1:
+            st["skip_saving_realised"] = (exact_t1 - t1) / (exact_t1 * t.skip / t.steps)
+            sims = _floats(mine, "neighbor_similarity")
+            st["neighbor_similarity"] = float(np.nanmean(sims)) if mine else None
+        tiers.append(st)
+    by_cat: dict[str, dict[str, tuple[float, float]]] = {}
+    for t in registry.tiers:
+        groups: dict[str, list[float]] = {}
+        for r in rows:
+            if r["tier"] == str(t.id) and r.get("category") and r.get("rel_quality"):
+                groups.setdefault(r["category"], []).append(float(r["rel_quality"]))
+        by_cat[f"{t.id} {t.name}"] = {c: (float(np.mean(v)), float(np.mean(np.array(v) >=
+                                                                          WITHIN)))
+                                      for c, v in groups.items()}
+    out: dict[str, Any] = {"device": device, "prompts": len({r["prompt"] for r in rows}),
+                           "tiers": tiers, "by_category": by_cat}
+    if floor_csv is not None and floor_csv.exists():
+        with floor_csv.open(newline="") as f:
+            out["noise_floor"] = _stats(list(csv.DictReader(f)))
+    return out
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as a markdown table."""
+    def f(x: Any, spec: str) -> str:
+        return "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) \
+            else format(x, spec)
+
+    lines = [
+        f"Device profile `{summary['device']}`; {summary['prompts']} prompts.",
+        "",
+        "| tier | strategy | UNet steps | rel. quality | within 5 % | checker | Δ checker "
+        "| s/image b=1 | s/image b=max | speed-up b=1 | speed-up b=max | skip saving |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in summary["tiers"]:
+        lines.append(
+            f"| {t['id']} {t['name']} | {t['strategy']} | {t['unet_steps']} | "
+            f"{f(t.get('rel_quality'), '.3f')} | {f(t.get('within_5pct'), '.1%')} | "
+            f"{f(t.get('checker_mean'), '.3f')} | {f(t.get('checker_delta'), '+.3f')} | "
+            f"{f(t['s_per_image_b1'], '.4f')} | {f(t['s_per_image_bmax'], '.4f')} "
+            f"(b={t['bmax']}) | {f(t['speedup_b1'], '.2f')} | {f(t['speedup_bmax'], '.2f')} "
+            f"| {f(t.get('skip_saving_realised'), '.0%')} |")
+    cats = summary.get("by_category") or {}
+    if cats:
+        names = sorted({c for per in cats.values() for c in per})
+        lines += ["", "Mean relative quality by category (within 5 % in brackets):", "",
+                  "| tier | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for tier, per in cats.items():
+            cells = [f"{per[c][0]:.3f} ({per[c][1]:.0%})" if c in per else "–"
+                     for c in names]
+            lines.append(f"| {tier} | " + " | ".join(cells) + " |")
+    nf = summary.get("noise_floor")
+    if nf:
+        lines += ["", f"Seed noise floor (exact re-run with other seeds, {int(nf['n'])} "
+                  f"prompts): rel. quality {nf['rel_quality']:.3f}, within 5 % "
+                  f"{nf['within_5pct']:.1%}, Δ checker {nf['checker_delta']:+.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def merge(parts: list[Path], out: Path, floor_parts: list[Path], floor_out: Path | None
+          ) -> float:
+    """Merge shard CSVs into ``out`` (and floors into ``floor_out``), renormalising every
+    relative quality with one reference C = the mean exact CLIP score over all merged
+    prompts (written to ``<out>.meta.json``); returns C.
+
+    Tier rows are recomputed from ``clip_per_seed`` (exactly the per-seed definition);
+    floor rows from their per-prompt means (``1 + (reseed - exact) / C``, the same
+    quantity before the clamp at 0). Duplicate (prompt, tier) rows keep the first.
+
+    Raises:
+        ValueError: No exact-tier rows in the parts.
+    """
+    from services.profile.quality import COLUMNS, FLOOR_COLUMNS, write_rows
+
+    rows: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for part in parts:
+        for r in _read(part):
+            if (r["prompt"], r["tier"]) not in seen:
+                seen.add((r["prompt"], r["tier"]))
+                rows.append(r)
+    exact = {r["prompt"]: [float(x) for x in r["clip_per_seed"].split(";")]
+             for r in rows if r["tier"] == "0"}
+    if not exact:
+        raise ValueError("no exact-tier rows to normalise by")
+    c = max(1.0, float(np.mean([v for vs in exact.values() for v in vs])))
+    for r in rows:
+        q = np.array([float(x) for x in r["clip_per_seed"].split(";")])
+        rel = np.maximum(0.0, 1.0 + (q - np.array(exact[r["prompt"]])) / c)
+        r["rel_quality"], r["rel_quality_std"] = f"{rel.mean():.4f}", f"{rel.std():.4f}"
+    out.unlink(missing_ok=True)
+    write_rows(out, COLUMNS, rows, mode="w")
+    if floor_out is not None:
+        floor = [r for part in floor_parts if part.exists() for r in _read(part)]
+        for r in floor:
+            r["rel_quality"] = f"{1 + (float(r['clip_reseed']) - float(r['clip_exact'])) / c:.4f}"
+        write_rows(floor_out, FLOOR_COLUMNS, floor, mode="w")
+    out.with_name(out.name + ".meta.json").write_text(json.dumps(
+        {"ref_clip": c, "prompts": len(exact), "merged_from": [str(p) for p in parts]}))
+    return c

@@ -1,0 +1,65 @@
+"""Classifier features: prompt statistics, the feature matrix, the embedders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.classifier.features import (
+    CACHE_NAMES,
+    STAT_NAMES,
+    build_features,
+    feature_names,
+    load_embedder,
+    prompt_stats,
+)
+
+
+def test_prompt_stats_and_feature_layout() -> None:
+    s = prompt_stats(["a red circle", "two blue squares, and 3 green circles above"])
+    assert s.dtype == np.float32 and s.shape == (2, len(STAT_NAMES))
+    assert s[0].tolist() == [12, 3, 0, 0, 0]
+    assert s[1].tolist() == [43, 8, 1, 1, 2]
+    emb = np.eye(2, 4, dtype=np.float32)
+    x = build_features(emb, ["a", "b c"], np.array([0.9, np.nan]), None)
+    names = feature_names(4)
+    assert x.shape == (2, len(names)) == (2, 4 + len(CACHE_NAMES) + len(STAT_NAMES))
+    sim, kfrac = names.index("cache_similarity"), names.index("cache_best_k_frac")
+    assert x[:, sim].tolist() == pytest.approx([0.9, 0.0]) and x[:, kfrac].tolist() == [0, 0]
+    assert x[1, names.index("words")] == 2
+    with pytest.raises(ValueError, match="3 embeddings for 2 prompts"):
+        build_features(np.zeros((3, 4), np.float32), ["a", "b"])
+
+
+def test_embedder_specs_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown embedder"):
+        load_embedder("bert:base")
+    with pytest.raises(ValueError, match="no WorldCLIP"):
+        load_embedder(f"world:{tmp_path}")
+    with pytest.raises(ValueError, match="open_clip:MODEL"):
+        load_embedder("open_clip:")
+
+
+def test_world_embedder_from_a_pipeline_directory(tmp_path: Path) -> None:
+    """A random-weight tiny WorldCLIP saved as a pipeline's text_encoder (as the committed
+    world pipeline lays it out): unit-norm, deterministic rows of the model's dimension."""
+    import torch
+
+    from world.clip import WorldCLIP
+
+    tiny = {"embed_dim": 16,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "head_width": 8,
+                           "mlp_ratio": 1.0, "patch_size": 8},
+            "text_cfg": {"context_length": 24, "vocab_size": 64, "width": 16, "heads": 2,
+                         "layers": 1, "mlp_ratio": 1.0}}
+    torch.manual_seed(0)
+    WorldCLIP(model_cfg=tiny).eval().save_pretrained(tmp_path / "text_encoder")
+    emb = load_embedder(f"world:{tmp_path}")
+    assert emb.dim == 16 and emb.name == f"world:{tmp_path}"
+    e = emb.embed(["a red circle", "two blue squares", "zebra"])
+    assert e.shape == (3, 16) and e.dtype == np.float32
+    assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert np.array_equal(e, emb.embed(["a red circle", "two blue squares", "zebra"]))
+    assert emb.embed([]).shape == (0, 16)

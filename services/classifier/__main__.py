@@ -1,49 +1,26 @@
 """``python -m services.classifier [--check]``: decides each prompt's tier and routes it.
 
-Configuration comes from ``T2I_*`` environment variables
-(``common.settings.ClassifierSettings``). ``--check`` exits 0 when any classifier heartbeat is
-live, else 1 (instance names are per process, so a probe cannot name its own instance);
-compose uses it as the healthcheck. A configuration error exits 2 with a one-line message.
+See :mod:`common.service_main` for ``--check`` and the exit codes.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
-from common.logging import configure_logging
+from common.service_main import service_main
 from common.settings import ClassifierSettings
 from common.tiers import RegistryError
 from services.classifier.policies import PolicyError
 from services.classifier.service import check, run
 
-log = logging.getLogger("services.classifier")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the classifier (or its health check); returns the process exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m services.classifier",
-        description="Argus classifier: decides each prompt's tier and routes it.")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 0 if a classifier heartbeat is live, else 1")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    settings = ClassifierSettings()
-    if args.check:
-        return 0 if asyncio.run(check(settings)) else 1
-    configure_logging(settings.service_name, settings.log_level, settings.log_json)
-    try:
-        asyncio.run(run(settings))
-    except (RegistryError, PolicyError) as exc:
-        log.error("configuration error: %s", exc)
-        return 2
-    return 0
+    return service_main("classifier",
+        "decides each prompt's tier and routes it.",
+        ClassifierSettings,
+        run, check, (RegistryError, PolicyError), argv)
 
 
 if __name__ == "__main__":

@@ -1,48 +1,26 @@
 """``python -m services.controller [--check]``: publishes the allocation plan.
 
-Configuration comes from ``T2I_*`` environment variables
-(``common.settings.ControllerSettings``). ``--check`` exits 0 when any controller heartbeat is
-live, else 1 (instance names are per process, so a probe cannot name its own instance);
-compose uses it as the healthcheck. A configuration error exits 2 with a one-line message.
+See :mod:`common.service_main` for ``--check`` and the exit codes.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
-from common.logging import configure_logging
+from common.service_main import service_main
 from common.settings import ControllerSettings
 from common.tiers import RegistryError
 from services.controller.policies import PolicyError
 from services.controller.service import check, run
 
-log = logging.getLogger("services.controller")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the controller (or its health check); returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="python -m services.controller",
-                                     description="Argus controller: publishes the allocation plan.")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 0 if a controller heartbeat is live, else 1")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    settings = ControllerSettings()
-    if args.check:
-        return 0 if asyncio.run(check(settings)) else 1
-    configure_logging(settings.service_name, settings.log_level, settings.log_json)
-    try:
-        asyncio.run(run(settings))
-    except (RegistryError, PolicyError) as exc:
-        log.error("configuration error: %s", exc)
-        return 2
-    return 0
+    return service_main("controller",
+        "publishes the allocation plan.",
+        ControllerSettings,
+        run, check, (RegistryError, PolicyError), argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from common import keys
 from common.messages import Message, ServiceHeartbeat, WorkerHeartbeat, now
+from common.redisutil import connect
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +57,20 @@ async def live_services(redis: aioredis.Redis, service: str) -> list[ServiceHear
 def fresh(at: float, max_age_s: float) -> bool:
     """True when a heartbeat taken at ``at`` is younger than ``max_age_s``."""
     return now() - at <= max_age_s
+
+
+async def any_live(redis_url: str, service: str) -> bool:
+    """True when at least one heartbeat of ``service`` is live (the ``--check`` probe).
+
+    Instance names are per process (``host-pid``), so a probe run as another process
+    cannot name "its" instance: any live heartbeat means the service is up. Redis errors
+    count as unhealthy (False), never raise.
+    """
+    redis = connect(redis_url, socket_timeout=2.0)
+    try:
+        return bool(await (live_workers(redis) if service == "worker"
+                           else live_services(redis, service)))
+    except Exception:
+        return False
+    finally:
+        await redis.aclose()

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from common import keys, metrics
-from common.heartbeat import beat_forever, live_services
+from common.heartbeat import any_live, beat_forever
 from common.jobs import JobStore
 from common.messages import (
     DEADLINE_EXCEEDED,
@@ -265,11 +265,5 @@ async def run(settings: ClassifierSettings, stop: asyncio.Event | None = None) -
 
 
 async def check(settings: ClassifierSettings) -> bool:
-    """True when at least one classifier heartbeat is live (Redis errors: False)."""
-    redis = connect(settings.redis_url, socket_timeout=2.0)
-    try:
-        return bool(await live_services(redis, "classifier"))
-    except Exception:
-        return False
-    finally:
-        await redis.aclose()
+    """True when at least one classifier heartbeat is live (:func:`common.heartbeat.any_live`)."""
+    return await any_live(settings.redis_url, "classifier")

@@ -36,7 +36,7 @@ from collections import Counter
 import redis.asyncio as aioredis
 
 from common import keys, metrics
-from common.heartbeat import beat_forever, live_services, live_workers
+from common.heartbeat import any_live, beat_forever, live_workers
 from common.messages import AllocationPlan, ControllerState, ServiceHeartbeat, now
 from common.plans import publish_plan, read_plan
 from common.redisutil import connect
@@ -220,11 +220,5 @@ async def run(settings: ControllerSettings, stop: asyncio.Event | None = None) -
 
 
 async def check(settings: ControllerSettings) -> bool:
-    """True when at least one controller heartbeat is live (Redis errors: False)."""
-    redis = connect(settings.redis_url, socket_timeout=2.0)
-    try:
-        return bool(await live_services(redis, "controller"))
-    except Exception:
-        return False
-    finally:
-        await redis.aclose()
+    """True when at least one controller heartbeat is live (:func:`common.heartbeat.any_live`)."""
+    return await any_live(settings.redis_url, "controller")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from common.heartbeat import live_workers
+from common.heartbeat import any_live
 from common.metrics import start_metrics_server
 from common.redisutil import connect
 from common.settings import WorkerSettings
@@ -48,16 +48,5 @@ async def run(settings: WorkerSettings, stop: asyncio.Event | None = None) -> No
 
 
 async def check(settings: WorkerSettings) -> bool:
-    """True when at least one worker heartbeat is live.
-
-    Instance names are per process (``host-pid``), so a health probe run as another
-    process cannot name "its" worker: on one host per container, any live worker
-    heartbeat means the worker is up. Redis errors count as unhealthy.
-    """
-    redis = connect(settings.redis_url, socket_timeout=2.0)
-    try:
-        return bool(await live_workers(redis))
-    except Exception:
-        return False
-    finally:
-        await redis.aclose()
+    """True when at least one worker heartbeat is live (:func:`common.heartbeat.any_live`)."""
+    return await any_live(settings.redis_url, "worker")

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -44,3 +45,12 @@ def service_main(name: str, description: str, make_settings: Callable[[], S],
         logging.getLogger(f"services.{name}").error("configuration error: %s", exc)
         return 2
     return 0
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT; call from inside the running event loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 
 import redis.asyncio as aioredis
@@ -42,6 +41,7 @@ from common.messages import (
 )
 from common.plans import PlanFollower
 from common.redisutil import connect
+from common.service_main import stop_on_signals
 from common.settings import ClassifierSettings
 from common.streams import Entry, StreamConsumer
 from common.tiers import Registry, load_registry
@@ -251,10 +251,7 @@ async def run(settings: ClassifierSettings, stop: asyncio.Event | None = None) -
                               f"lookup: {exc}") from exc
     policy = make_policy(settings, registry, lookup)
     if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
     metrics.start_metrics_server(settings.metrics_port)
     redis = connect(settings.redis_url)
     log.info("classifier %s starting (policy %s)", settings.instance, policy.name)

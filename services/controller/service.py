@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections import Counter
 
@@ -40,6 +39,7 @@ from common.heartbeat import any_live, beat_forever, live_workers
 from common.messages import AllocationPlan, ControllerState, ServiceHeartbeat, now
 from common.plans import publish_plan, read_plan
 from common.redisutil import connect
+from common.service_main import stop_on_signals
 from common.settings import ControllerSettings
 from common.tiers import Registry, load_registry
 from services.controller import overload
@@ -206,10 +206,7 @@ async def run(settings: ControllerSettings, stop: asyncio.Event | None = None) -
     registry = load_registry(settings.tiers_file)
     policy = make_policy(settings, registry)
     if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
     metrics.start_metrics_server(settings.metrics_port)
     redis = connect(settings.redis_url)
     log.info("controller %s starting (policy %s)", settings.instance, policy.name)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from common.heartbeat import any_live
 from common.metrics import start_metrics_server
 from common.redisutil import connect
+from common.service_main import stop_on_signals
 from common.settings import WorkerSettings
 from common.tiers import load_registry
 from services.worker.backends import make_backend
@@ -33,10 +33,7 @@ async def run(settings: WorkerSettings, stop: asyncio.Event | None = None) -> No
         torch.set_num_threads(settings.cpu_threads)
     backend = make_backend(settings, registry)
     if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
     start_metrics_server(settings.metrics_port)
     redis = connect(settings.redis_url)
     log.info("worker %s starting (backend %s, device %s)", settings.instance,

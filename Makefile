@@ -30,6 +30,8 @@ check: setup
 	$(VENV)/bin/mypy --strict common services loadgen world
 
 bench: setup
+	@command -v wrk >/dev/null || (apt-get install -y wrk || sudo apt-get install -y wrk) \
+		>/dev/null 2>&1 || echo "wrk not installed: throughput is measured with the Python client"
 	$(PY) bench/control_plane.py
 
 clean:

@@ -71,15 +71,17 @@ return 1
 """
 
 # KEYS: job, tier stream, prompt stream. ARGV: group, prompt entry id, entry data,
-# terminal csv, maxlen, then field/value pairs. Returns 1 routed, 0 skipped (terminal).
+# terminal csv, events channel, classified event, then field/value pairs. Returns 1 routed
+# (and the event published), 0 skipped (terminal), -1 unknown job; the entry is acked always.
 _ROUTE = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 if not cur then return -1 end
 if string.find(',' .. ARGV[4] .. ',', ',' .. cur .. ',', 1, true) then return 0 end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'status', 'classified')
 redis.call('XADD', KEYS[2], '*', 'data', ARGV[3])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
 
@@ -269,15 +271,13 @@ class JobStore:
         """
         fields = {"tier": job.tier, "predicted_tier": job.predicted_tier,
                   "probabilities": job.probabilities, "classified_at": job.classified_at}
+        event = JobEvent(job_id=job.job_id, kind=EventKind.STATUS,
+                         status=JobState.CLASSIFIED, tier=job.tier)
         res = await self._route(
             keys=[keys.job_key(job.job_id), keys.tier_stream(job.tier), keys.PROMPT_STREAM],
-            args=[group, text(prompt_entry_id), job.model_dump_json(), _TERMINAL, "",
-                  *_flat(fields)],
+            args=[group, text(prompt_entry_id), job.model_dump_json(), _TERMINAL,
+                  keys.events_channel(job.job_id), event.model_dump_json(), *_flat(fields)],
         )
-        if int(res) == 1:
-            event = JobEvent(job_id=job.job_id, kind=EventKind.STATUS,
-                             status=JobState.CLASSIFIED, tier=job.tier)
-            await self.redis.publish(keys.events_channel(job.job_id), event.model_dump_json())
         return int(res) == 1
 
     async def start(self, job_id: str, worker: str, tier: int, total: int) -> bool:

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import secrets
+import time
 import uuid
 
 from pydantic import BaseModel, ValidationError
@@ -76,6 +77,10 @@ def timing_headers(rec: JobRecord) -> dict[str, str]:
     return out
 
 
+# Seconds a gateway reuses the controller's overload estimate before re-reading it.
+OVERLOAD_REREAD_S = 0.25
+
+
 class JobService:
     """Submission, status, results, cancellation and synchronous generation of jobs."""
 
@@ -83,6 +88,22 @@ class JobService:
         self.store = store
         self.redis = store.redis
         self.settings = settings
+        self._overload: OverloadEstimate | None = None
+        self._overload_read = -OVERLOAD_REREAD_S
+
+    async def _overload_estimate(self) -> OverloadEstimate | None:
+        """The controller's overload estimate, re-read from Redis at most every
+        :data:`OVERLOAD_REREAD_S` (the controller refreshes it once per control period,
+        seconds apart): submissions do not pay a round trip for it."""
+        if time.monotonic() - self._overload_read < OVERLOAD_REREAD_S:
+            return self._overload
+        raw = await self.redis.get(keys.OVERLOAD)
+        self._overload_read = time.monotonic()
+        try:
+            self._overload = OverloadEstimate.model_validate_json(raw) if raw else None
+        except ValidationError:
+            self._overload = None
+        return self._overload
 
     def _check_prompt(self, prompt: str) -> None:
         limit = self.settings.max_prompt_chars
@@ -110,12 +131,8 @@ class JobService:
 
     async def _check_overload(self, slo_ms: int | None, idempotency_key: str | None) -> None:
         """Raise 429 per the controller's overload estimate (module guarantees)."""
-        raw = await self.redis.get(keys.OVERLOAD)
-        if raw is None:
-            return
-        try:
-            estimate = OverloadEstimate.model_validate_json(raw)
-        except ValidationError:
+        estimate = await self._overload_estimate()
+        if estimate is None:
             return
         limit = slo_ms / 1000 if slo_ms else self.settings.overload_max_delay_s
         retry = estimate.retry_after(limit)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from common import keys, metrics
 from common.heartbeat import beat_forever
-from common.jobs import JobStore
+from common.jobs import Admission, JobStore
 from common.messages import DEADLINE_EXCEEDED, ClassifiedJob, JobState, WorkerHeartbeat, now
 from common.plans import PlanFollower, tier_of
 from common.settings import WorkerSettings
@@ -206,26 +206,28 @@ class Worker:
 
     async def _admit(self, consumer: StreamConsumer, entry: Entry, job: ClassifiedJob,
                      tier: Tier) -> bool:
-        """Start the job, or settle it without running (terminal, cancelled, unknown)."""
-        record = await self.store.get(job.job_id)
-        if record is None or record.status.terminal:
-            log.info("skipping job (%s)", record.status if record else "unknown",
-                     extra={"job_id": job.job_id})
-            await consumer.ack(entry.id)
-            return False
-        if await self.store.cancel_requested(job.job_id):
-            await self._cancelled(consumer, entry, job, tier)
-            return False
+        """Start the job, or settle it without running (terminal, cancelled, unknown,
+        past its deadline under ``expire``). One Redis round trip on the common path:
+        :meth:`JobStore.admit` decides run / skip / cancelled atomically."""
         if (self.settings.deadline_policy == "expire" and job.deadline is not None
                 and now() > job.deadline):  # last check at start (docs/policies.md)
             await self.store.transition(job.job_id, JobState.EXPIRED, finished_at=now(),
                                         error=DEADLINE_EXCEEDED)
             await consumer.ack(entry.id)
             return False
-        if not await self.store.start(job.job_id, self.instance, tier.id, tier.unet_steps):
+        outcome, attempts = await self.store.admit(job.job_id, self.instance, tier.id,
+                                                   tier.unet_steps)
+        if outcome is Admission.SKIP:
+            log.info("skipping job (unknown or already finished)",
+                     extra={"job_id": job.job_id})
             await consumer.ack(entry.id)
             return False
-        if record.attempts == 0:  # retries would count the first attempt's run as waiting
+        if outcome is Admission.CANCELLED:
+            metrics.JOBS.labels(tier=str(tier.id), status="cancelled").inc()
+            await consumer.ack(entry.id)
+            log.info("job cancelled", extra={"job_id": job.job_id, "tier": tier.id})
+            return False
+        if attempts == 0:  # retries would count the first attempt's run as waiting
             metrics.QUEUE_WAIT.labels(tier=str(tier.id)).observe(
                 max(0.0, now() - job.enqueued_at))
         return True

@@ -226,7 +226,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/control_plane.json"))
     args = ap.parse_args()
     env = {"T2I_EMULATED_LATENCY_SCALE": "0", "T2I_LOG_LEVEL": "WARNING",
-           "T2I_MAX_BACKLOG": "10000000", "T2I_OVERLOAD_MAX_DELAY_S": "1e9", "T2I_GATEWAY_WORKERS": str(args.gateway_workers)}
+           "T2I_MAX_BACKLOG": "10000000", "T2I_OVERLOAD_MAX_DELAY_S": "1e9",
+           "T2I_GATEWAY_WORKERS": str(args.gateway_workers)}
     config = StackConfig(workers=args.workers, backend="emulated", port=8765, env=env,
                          with_tasks=False)
     with running_stack(config) as stack:

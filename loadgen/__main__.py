@@ -6,6 +6,10 @@ Sub-commands:
   a summary (:mod:`loadgen.replay_cli`).
 * ``inspect``: the operator's view of streams, dead letters, backlog, plan and live
   services, read from Redis (:mod:`loadgen.inspector`).
+* ``simulate``: a discrete-event simulation of the cluster on a trace, with the services'
+  own policies (:mod:`loadgen.simulate`).
+* ``plot``: PNG figures from one or several replay or simulation results
+  (:mod:`loadgen.plot`).
 
 Each sub-command module provides ``add_parser(subparsers)``, which sets ``func`` on the
 parsed namespace; ``main`` dispatches to it and returns its exit code.
@@ -17,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loadgen import inspector, replay_cli
+from loadgen import inspector, plot, replay_cli, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     replay_cli.add_parser(sub)
     inspector.add_parser(sub)
+    simulate.add_parser(sub)
+    plot.add_parser(sub)
     return parser
 
 

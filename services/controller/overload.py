@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from common.messages import OverloadEstimate
 from common.tiers import Registry
@@ -73,3 +74,52 @@ def unserved_estimate(demand: float, capacity: Mapping[int, float], headroom: fl
     if not math.isfinite(demand):
         return 0.0
     return max(0.0, demand - sum(capacity.values()) * (1 - headroom))
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the controller reports after a plan: per-tier service rate, the unserved
+    demand, the gateway's overload estimate and the classifier's queueing delays.
+
+    Attributes:
+        capacity: Service rate per tier with GPUs, jobs/s (:func:`tier_capacity`; empty
+            when the per-GPU rate is unknown).
+        unserved: Demand the allocation cannot serve, jobs/s.
+        estimate: The overload estimate (:func:`estimate`).
+        queue_delay_s: Queueing delay per tier with capacity (:func:`queue_delays`).
+    """
+
+    capacity: dict[int, float]
+    unserved: float
+    estimate: OverloadEstimate
+    queue_delay_s: dict[int, float]
+
+
+def assess(gpus: Mapping[int, int], rate: Mapping[int, float] | None, demand: float,
+           waiting: int, backlog: Mapping[int, int], planned_unserved: float | None,
+           headroom: float, drain_horizon_s: float) -> Assessment:
+    """The controller's report for one period, from what it serves and observed. Pure.
+
+    Args:
+        gpus: Live GPUs serving each tier under the current plan.
+        rate: Jobs/s of one GPU per tier (:func:`per_gpu_rate`), or None when unknown.
+        demand: The demand planned for, jobs/s.
+        waiting: Jobs accepted and not started (prompt stream + tier-stream lag).
+        backlog: Jobs waiting (unread + pending) per tier stream.
+        planned_unserved: The policy's own unserved estimate (its draft's), or None.
+        headroom: The solver's headroom (for policies without an unserved estimate).
+        drain_horizon_s: Longest acceptable time to drain the backlog.
+
+    Returns:
+        Capacity per tier; unserved = ``planned_unserved`` when given, else
+        :func:`unserved_estimate` (0 without capacity); the overload estimate (with no
+        known capacity: nothing waiting, nothing unserved); queueing delays.
+    """
+    capacity = tier_capacity(gpus, rate) if rate else {}
+    if planned_unserved is not None:
+        unserved = planned_unserved
+    else:
+        unserved = unserved_estimate(demand, capacity, headroom) if capacity else 0.0
+    overload = (estimate(waiting, sum(capacity.values()), unserved, drain_horizon_s)
+                if capacity else estimate(0, 0.0, 0.0, drain_horizon_s))
+    return Assessment(capacity, unserved, overload, queue_delays(backlog, capacity))

@@ -137,12 +137,9 @@ class Controller:
             log.info("re-homed %d jobs: %s", rehomed.total, rehomed.moved)
         t4 = time.perf_counter()
         gpus = dict(serving)
-        capacity = overload.tier_capacity(gpus, self.rate) if self.rate else {}
-        unserved = draft.unserved if draft.unserved is not None else \
-            overload.unserved_estimate(demand, capacity, s.headroom) if capacity else 0.0
-        estimate = overload.estimate(waiting, sum(capacity.values()), unserved,
-                                     s.drain_horizon_s) if capacity else \
-            overload.estimate(0, 0.0, 0.0, s.drain_horizon_s)
+        report = overload.assess(gpus, self.rate, demand, waiting, backlog, draft.unserved,
+                                 s.headroom, s.drain_horizon_s)
+        capacity, unserved, estimate = report.capacity, report.unserved, report.estimate
         self.state = ControllerState(
             policy=self.policy.name, plan_version=self.version,
             formulation=str(draft.detail.get("formulation") or "") or None,
@@ -153,8 +150,7 @@ class Controller:
             forecast=round(forecast, 4), demand=round(demand, 4),
             mix={k: round(v, 4) for k, v in mix.items()}, backlog=backlog,
             prompt_backlog=prompts.total,
-            queue_delay_s={k: round(v, 3) for k, v in
-                           overload.queue_delays(backlog, capacity).items()},
+            queue_delay_s={k: round(v, 3) for k, v in report.queue_delay_s.items()},
             overload=estimate, solve_ms=draft.solve_ms,
             status=str(draft.detail.get("status", "")),
             detail={k: v for k, v in draft.detail.items() if k != "status"},

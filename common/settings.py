@@ -123,6 +123,8 @@ class ControllerSettings(CommonSettings):
     headroom: float = Field(default=0.1, ge=0, lt=1)
     hysteresis: float = Field(default=0.02, ge=0)
     switch_weight: float = Field(default=1.0, ge=0)
+    switch_horizon_s: float = Field(default=60.0, gt=0, description="a model load's lost "
+                                    "work is amortised over this many seconds")
     load_level_tau_s: float = Field(default=20.0, gt=0)
     load_trend_tau_s: float = Field(default=60.0, gt=0)
     load_horizon_s: float = Field(default=0.0, ge=0, description="0 = one control period")

@@ -120,7 +120,7 @@ def test_no_gpus_and_no_load_are_handled(form: Formulation) -> None:
     assert s.unserved == 0.0 and s.gpus_per_tier == {0: 0, 1: 0}
 
 
-SWITCH = SolverConfig(headroom=0.0, control_period_s=60.0, hysteresis=0.02)
+SWITCH = SolverConfig(headroom=0.0, switch_horizon_s=60.0, hysteresis=0.02)
 
 
 def switch_case(cheap_quality: float, cheap_model: str, load_time: float) -> Problem:
@@ -136,6 +136,8 @@ def switch_case(cheap_quality: float, cheap_model: str, load_time: float) -> Pro
     (0.9, "B", 5.0, False),   # gain 0.05 < 0.04 + 0.083: stays
     (0.5, "B", 5.0, True),    # gain 0.25 > 0.123: moves
     (0.5, "B", 60.0, False),  # gain 0.25 < 0.04 + 1.0: stays
+    (0.1, "B", 60.0, False),  # gain 0.45 < 0.04 + 1.0: stays
+    (0.1, "B", 20.0, True),   # gain 0.45 > 0.04 + 0.33: moves
     (0.9, "A", 60.0, True),   # same model: no load cost, gain 0.05 > 0.04: moves
     (0.97, "A", 60.0, False),  # same model, gain 0.015 < hysteresis 0.04: stays
 ])

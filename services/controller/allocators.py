@@ -68,7 +68,7 @@ def planning(settings: ControllerSettings, registry: Registry) -> Planning:
     except ValueError as exc:
         raise PolicyError(f"policy {settings.policy!r} needs latency profiles: {exc} "
                           "(run the latency profiling, or set T2I_PROFILE_DEVICE)") from exc
-    config = SolverConfig(headroom=settings.headroom, control_period_s=settings.control_period_s,
+    config = SolverConfig(headroom=settings.headroom, switch_horizon_s=settings.switch_horizon_s,
                           switch_weight=settings.switch_weight, hysteresis=settings.hysteresis)
     load_times = {t.model: t.load_time_s for t in registry.tiers if t.load_time_s is not None}
     return Planning(specs, quality, config, device, load_times)

@@ -64,7 +64,7 @@ def run_bench(repeats: int = 25, seed: int = 0,
     Raises:
         RuntimeError: An instance was not solved to optimality (a fallback plan).
     """
-    config = SolverConfig(control_period_s=10.0)
+    config = SolverConfig(switch_horizon_s=60.0)
     out = []
     for gpus, tiers in sizes:
         for formulation in FORMULATIONS:

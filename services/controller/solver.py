@@ -21,9 +21,11 @@ in quality-weighted jobs/s. Guarantees of :func:`solve` (for valid inputs):
   cost and the hysteresis cost (below), to HiGHS's optimality tolerances (and up to the
   tie-break and the flow's :data:`DEMOTION_COST`, both far below 0.1 % of a GPU).
 - Switch cost: a GPU that must load model ``M`` (more GPUs on ``M``'s tiers than GPUs
-  holding ``M`` now) costs ``switch_weight * min(load_time_s[M], period) / period *
-  max_{k on M} c_k q_k``: the quality-weighted load it cannot serve while loading, spread
-  over one control period. Tiers of one model (cache/steps variants) switch for free.
+  holding ``M`` now) costs ``switch_weight * load_time_s[M] / switch_horizon_s *
+  max_{k on M} c_k q_k``: the quality-weighted load it cannot serve while loading,
+  amortised over the horizon a new plan is expected to hold (uncapped: a load longer
+  than the horizon costs more than one GPU's value). Tiers of one model (cache/steps
+  variants) switch for free.
 - Hysteresis: each GPU that changes tier costs ``hysteresis * max_k c_k``, so a plan
   is only replaced by one that is better by more than that.
 - Ties (e.g. idle GPUs at light load on a fresh start) go to the least approximate tier:
@@ -114,7 +116,8 @@ class SolverConfig:
 
     Attributes:
         headroom: Fraction of each GPU's capacity kept free (0 <= headroom < 1).
-        control_period_s: Seconds between plans; scales the switch cost.
+        switch_horizon_s: Seconds over which a model load's lost work is amortised
+            (the time a new plan is expected to hold); scales the switch cost.
         switch_weight: Multiplier of the model-switch cost (0 disables it).
         hysteresis: Cost per GPU changing tier, as a fraction of the capacity (jobs/s)
             of one GPU at the fastest tier (0 disables it).
@@ -122,7 +125,7 @@ class SolverConfig:
     """
 
     headroom: float = 0.1
-    control_period_s: float = 10.0
+    switch_horizon_s: float = 60.0
     switch_weight: float = 1.0
     hysteresis: float = 0.02
     time_limit_s: float = 2.0
@@ -232,8 +235,8 @@ def _validate(p: Problem, cfg: SolverConfig) -> tuple[list[float], list[list[flo
         raise ValueError("capacity_per_gpu must be finite > 0 and quality finite >= 0")
     if p.gpus < 0 or not (math.isfinite(p.load) and p.load >= 0):
         raise ValueError(f"gpus and load must be >= 0, got {p.gpus}, {p.load}")
-    if not 0 <= cfg.headroom < 1 or cfg.control_period_s <= 0:
-        raise ValueError("headroom must be in [0, 1) and control_period_s > 0")
+    if not 0 <= cfg.headroom < 1 or cfg.switch_horizon_s <= 0:
+        raise ValueError("headroom must be in [0, 1) and switch_horizon_s > 0")
     h = [float(p.mix.get(k, 0.0)) for k in range(k_n)]
     if any(not (math.isfinite(v) and v >= 0) for v in h):
         raise ValueError(f"mix must be finite and >= 0, got {dict(p.mix)}")
@@ -277,9 +280,9 @@ def _context(p: Problem, cfg: SolverConfig) -> _Context:
     models = list(dict.fromkeys(s.model for s in specs))
     held = p.loaded_models if p.loaded_models is not None else {
         m: sum(cur[k] for k in range(k_n) if specs[k].model == m) for m in models}
-    period = cfg.control_period_s
-    switch_cost = {m: cfg.switch_weight * min(max(0.0, p.load_time_s.get(m, 0.0)), period)
-                   / period * max(cap[k] * specs[k].quality
+    horizon = cfg.switch_horizon_s
+    switch_cost = {m: cfg.switch_weight * max(0.0, p.load_time_s.get(m, 0.0))
+                   / horizon * max(cap[k] * specs[k].quality
                                   for k in range(k_n) if specs[k].model == m)
                    for m in models}
     return _Context(h, q, cap, scale, max(0.0, p.load / scale - p.gpus), cur, held,

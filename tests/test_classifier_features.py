@@ -63,3 +63,31 @@ def test_world_embedder_from_a_pipeline_directory(tmp_path: Path) -> None:
     assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
     assert np.array_equal(e, emb.embed(["a red circle", "two blue squares", "zebra"]))
     assert emb.embed([]).shape == (0, 16)
+
+
+def test_lgbm_embeds_once_when_the_cache_shares_the_world_clip(redis_url: str) -> None:
+    """The committed model (world CLIP features) with the world registry's cache tiers:
+    the cache lookup is given the features' embedder and the decisions are the same as
+    with a lookup that embeds by itself."""
+    from common.messages import PromptJob
+    from common.settings import REPO_ROOT, ClassifierSettings
+    from common.tiers import load_registry
+    from services.classifier.cache_lookup import build_lookup
+    from services.classifier.lgbm import LgbmPolicy, make_lgbm_policy
+
+    tiers = REPO_ROOT / "profiles" / "tiers.yaml"
+    cfg = ClassifierSettings(redis_url=redis_url, tiers_file=tiers, policy="argus",
+                             predictor="lgbm")
+    shared = make_lgbm_policy(cfg, load_registry(tiers), "argus")
+    assert shared.lookup is not None
+    assert shared.lookup.embedder is shared.loaded.embedder  # type: ignore[attr-defined]
+    calls: list[int] = []
+    embed = shared.loaded.embedder.embed
+    shared.loaded.embedder.embed = lambda p: calls.append(len(p)) or embed(p)  # type: ignore[method-assign]
+    own = LgbmPolicy(cfg.classifier_model, tiers, "argus",
+                     lookup=build_lookup(redis_url, load_registry(tiers)))
+    jobs = [PromptJob(job_id=str(i), prompt=p, seed=1) for i, p in
+            enumerate(["a red circle", "two small blue squares", "a green triangle above a "
+                       "yellow circle"])]
+    assert shared.decide(jobs) == own.decide(jobs)
+    assert calls == [3]  # one embedding pass for features and cache lookup together

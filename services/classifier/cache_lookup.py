@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from common.messages import PromptJob
 from common.tiers import Registry, Strategy, resolve_model
 from services.classifier.baselines import Neighbour
@@ -33,12 +35,13 @@ class CacheLookup:
     """Callable ``Lookup`` over the shared cache (module doc)."""
 
     def __init__(self, client: Any, registry: Registry, embedder: TextEmbedder,
-                 refresh_s: float = 1.0) -> None:
+                 refresh_s: float = 1.0, source: str = "") -> None:
         cache_tiers = [t for t in registry.tiers if t.strategy is Strategy.CACHE]
         self.model = cache_tiers[0].model if cache_tiers else registry.tiers[0].model
         self.steps = cache_tiers[0].steps if cache_tiers else registry.tiers[0].steps
         self.client = client
         self.embedder = embedder
+        self.source = source  # the model path or id the text encoder was loaded from
         self.refresh_s = refresh_s
         self._caches: dict[str, LatentCache] = {}
 
@@ -49,12 +52,18 @@ class CacheLookup:
                                            refresh_s=self.refresh_s)
         return self._caches[ns]
 
-    def __call__(self, jobs: list[PromptJob]) -> list[Neighbour | None]:
-        """The top-1 neighbour ``(similarity, available Ks)`` of each job, or None."""
+    def __call__(self, jobs: list[PromptJob], embeddings: np.ndarray | None = None
+                 ) -> list[Neighbour | None]:
+        """The top-1 neighbour ``(similarity, available Ks)`` of each job, or None.
+
+        ``embeddings``: the jobs' unit embeddings by this lookup's own ``embedder``, when
+        the caller already has them (one row per job); otherwise they are computed here.
+        """
         if not jobs:
             return []
         try:
-            embeddings = self.embedder.embed([j.prompt for j in jobs])
+            if embeddings is None:
+                embeddings = self.embedder.embed([j.prompt for j in jobs])
             out: list[Neighbour | None] = []
             for job, emb in zip(jobs, embeddings, strict=True):
                 hit = self._cache(job.width, job.height).nearest(emb)
@@ -75,6 +84,7 @@ def build_lookup(redis_url: str, registry: Registry) -> CacheLookup:
 
     cache_tiers = [t for t in registry.tiers if t.strategy is Strategy.CACHE]
     model = (cache_tiers[0] if cache_tiers else registry.tiers[0]).model
-    embedder = load_embedder(resolve_model(model))
+    source = resolve_model(model)
+    embedder = load_embedder(source)
     return CacheLookup(redis.Redis.from_url(redis_url, socket_timeout=5.0), registry,
-                       embedder)
+                       embedder, source=source)

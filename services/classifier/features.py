@@ -65,9 +65,10 @@ def _unit(x: Any) -> np.ndarray:
 class WorldClipEmbedder:
     """The world's CLIP text tower (``world.clip.encode_text``)."""
 
-    def __init__(self, clip: Any, name: str = "world") -> None:
+    def __init__(self, clip: Any, name: str = "world", source: str = "") -> None:
         self.clip = clip
         self.name = name
+        self.source = source  # the CLIP directory it was loaded from
         self.dim = int(clip.clip.text_projection.shape[1])
 
     def embed(self, prompts: Sequence[str]) -> np.ndarray:
@@ -120,7 +121,7 @@ def load_embedder(spec: str) -> Embedder:
             raise ValueError(f"embedder {spec!r}: no WorldCLIP at {clip_dir}")
         from world.clip import load_clip
 
-        return WorldClipEmbedder(load_clip(clip_dir), name=spec)
+        return WorldClipEmbedder(load_clip(clip_dir), name=spec, source=str(clip_dir))
     if kind == "open_clip":
         model, _, pretrained = rest.partition(":")
         if not model:

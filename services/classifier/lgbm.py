@@ -334,18 +334,39 @@ class LgbmPolicy:
         prompts = [j.prompt for j in jobs]
         sims = np.full(len(jobs), np.nan)
         avail: list[tuple[int, ...]] = [() for _ in jobs]
+        emb = cur.embedder.embed(prompts)
         if self.lookup is not None:
-            for i, hit in enumerate(self.lookup(jobs)):
+            lookup: Any = self.lookup
+            # The cache's embedding space is the features' one (see make_lgbm_policy):
+            # embed once.
+            shared = getattr(lookup, "embedder", None) is cur.embedder
+            for i, hit in enumerate(lookup(jobs, emb) if shared else lookup(jobs)):
                 if hit is not None:
                     sims[i], avail[i] = hit[0], tuple(hit[1])
         steps = cur.tiers[0].steps
         best_k = np.array([max(a, default=0) / steps for a in avail], np.float32)
-        x = build_features(cur.embedder.embed(prompts), prompts, sims, best_k)
+        x = build_features(emb, prompts, sims, best_k)
         probs = cur.model.predict_safe(x, self.threads)
         conf = cur.model.confidence if self.confidence is None else self.confidence
         tiers = choose_tiers(probs, feasibility(cur.tiers, sims, avail), cur.order, conf)
         return [Decision(int(t), [round(float(v), 6) for v in p])
                 for t, p in zip(tiers, probs, strict=True)]
+
+
+def _share_embedder(policy: LgbmPolicy, lookup: Lookup | None) -> None:
+    """When the cache lookup's text encoder is the features' world CLIP (same directory),
+    make the lookup use the features' embedder object, so ``decide`` embeds each prompt
+    once and passes the result to the lookup. Other encoders keep their own."""
+    from services.classifier.features import WorldClipEmbedder
+
+    emb = policy.loaded.embedder
+    source = getattr(lookup, "source", "")
+    if not source or not isinstance(emb, WorldClipEmbedder) or not emb.source:
+        return
+    cache_dir = Path(source) / "text_encoder"
+    if cache_dir.is_dir() and cache_dir.resolve() == Path(emb.source).resolve():
+        lookup.embedder = emb  # type: ignore[union-attr]
+        log.info("lgbm: the cache lookup shares the features' embedder (%s)", emb.source)
 
 
 def make_lgbm_policy(settings: ClassifierSettings, registry: Registry, name: str
@@ -373,6 +394,7 @@ def make_lgbm_policy(settings: ClassifierSettings, registry: Registry, name: str
                             settings.classifier_threads)
     except ModelError as exc:
         raise PolicyError(f"predictor 'lgbm': {exc}") from exc
+    _share_embedder(policy, lookup)
     torch = sys.modules.get("torch")  # loaded by a torch embedder; nothing else uses it
     if torch is not None and settings.classifier_threads > 0:
         torch.set_num_threads(settings.classifier_threads)

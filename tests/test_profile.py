@@ -150,3 +150,45 @@ def test_cli_tiers_show_and_profile_latency(world: tuple[Path, Path], tmp_path: 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntiers: []\n")
     assert main(["tiers", "show", "--tiers", str(bad)]) == 2
+
+
+def test_merge_combines_disjoint_seed_sets(world: tuple[Path, Path], tmp_path: Path) -> None:
+    """Seed 0 and seed 1 run separately (``seed_offset``), merged: the same per-seed
+    scores as one two-seed run, so seeds can be added run by run."""
+    _, reg_path = world
+    reg = load_registry(reg_path)
+    reg = reg.model_copy(update={"tiers": reg.tiers[:3]})  # exact + the first two tiers
+    backend = DiffusersBackend(WorkerSettings(cache_enabled=False))
+    pipe = backend.pipeline(reg.tiers[0])
+
+    def profiler(seeds: int, offset: int) -> QualityProfiler:
+        return QualityProfiler(reg, backend.pipeline, WorldScorer(pipe.text_encoder),
+                               embedder_for_pipeline(pipe).embed,
+                               QualityConfig(seeds=seeds, seed_offset=offset, batch_size=8,
+                                             chunk=3, floor=0))
+
+    prompts = default_prompts(505)[-3:]
+    bank = default_bank(3, {p for p, _ in prompts})
+    parts = []
+    for off in (0, 1):
+        part = tmp_path / f"seed{off}.csv"
+        run_quality(profiler(1, off), prompts, bank, part, tmp_path / f"f{off}.csv",
+                    tmp_path / "work", progress=False)
+        parts.append(part)
+    both = tmp_path / "both.csv"
+    run_quality(profiler(2, 0), prompts, bank, both, tmp_path / "fb.csv", tmp_path / "work",
+                progress=False)
+    merged = tmp_path / "merged.csv"
+    merge(parts, merged, [], None)
+    got = {(r["prompt"], r["tier"]): r for r in rows_of(merged)}
+    want = {(r["prompt"], r["tier"]): r for r in rows_of(both)}
+    assert got.keys() == want.keys()
+    for key, r in want.items():
+        assert got[key]["seeds"] == "2"
+        assert got[key]["clip_per_seed"] == r["clip_per_seed"]
+        assert got[key]["checker_per_seed"] == r["checker_per_seed"]
+        assert float(got[key]["checker_delta"]) == pytest.approx(float(r["checker_delta"]),
+                                                                 abs=1e-3)
+    # The same seed set twice is not double-counted.
+    merge([parts[0], parts[0]], merged, [], None)
+    assert all(r["seeds"] == "1" for r in rows_of(merged))

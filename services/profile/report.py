@@ -121,6 +121,27 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _seed_offset(part: Path) -> int | None:
+    """The seed offset a shard CSV was run with (its ``.meta.json``), None if unknown."""
+    meta = part.with_name(part.name + ".meta.json")
+    try:
+        return int(json.loads(meta.read_text())["seed_offset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _combine(first: dict[str, str], more: dict[str, str]) -> None:
+    """Append ``more``'s seeds to ``first`` (same prompt and tier, disjoint seeds) and
+    recompute its per-seed statistics (``checker_delta`` is recomputed by ``merge``)."""
+    for col in ("clip_per_seed", "checker_per_seed"):
+        first[col] = f"{first[col]};{more[col]}"
+    clip = np.array([float(x) for x in first["clip_per_seed"].split(";")])
+    chk = np.array([float(x) for x in first["checker_per_seed"].split(";")])
+    first["seeds"] = str(len(clip))
+    first["clip_mean"], first["clip_std"] = f"{clip.mean():.4f}", f"{clip.std():.4f}"
+    first["checker_mean"], first["checker_std"] = f"{chk.mean():.4f}", f"{chk.std():.4f}"
+
+
 def merge(parts: list[Path], out: Path, floor_parts: list[Path], floor_out: Path | None
           ) -> float:
     """Merge shard CSVs into ``out`` (and floors into ``floor_out``), renormalising every
@@ -129,7 +150,12 @@ def merge(parts: list[Path], out: Path, floor_parts: list[Path], floor_out: Path
 
     Tier rows are recomputed from ``clip_per_seed`` (exactly the per-seed definition);
     floor rows from their per-prompt means (``1 + (reseed - exact) / C``, the same
-    quantity before the clamp at 0). Duplicate (prompt, tier) rows keep the first.
+    quantity before the clamp at 0). Parts run with different ``--seed-offset`` (read
+    from each part's ``.meta.json``) hold disjoint seeds: their rows of one (prompt, tier)
+    are combined into one row over all those seeds, in part order, so seed j of every
+    tier of a prompt is the same noise and ``checker_delta`` stays paired. Otherwise
+    (same or unknown offset) duplicate (prompt, tier) rows keep the first; duplicate
+    floor rows of a prompt keep the first.
 
     Raises:
         ValueError: No exact-tier rows in the parts.
@@ -137,25 +163,41 @@ def merge(parts: list[Path], out: Path, floor_parts: list[Path], floor_out: Path
     from services.profile.quality import COLUMNS, FLOOR_COLUMNS, write_rows
 
     rows: list[dict[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    index: dict[tuple[str, str], tuple[dict[str, str], set[int | None]]] = {}
     for part in parts:
+        offset = _seed_offset(part)
         for r in _read(part):
-            if (r["prompt"], r["tier"]) not in seen:
-                seen.add((r["prompt"], r["tier"]))
+            key = (r["prompt"], r["tier"])
+            if key not in index:
+                index[key] = (r, {offset})
                 rows.append(r)
+            elif offset is not None and offset not in index[key][1] \
+                    and None not in index[key][1]:
+                _combine(index[key][0], r)
+                index[key][1].add(offset)
     exact = {r["prompt"]: [float(x) for x in r["clip_per_seed"].split(";")]
              for r in rows if r["tier"] == "0"}
     if not exact:
         raise ValueError("no exact-tier rows to normalise by")
     c = max(1.0, float(np.mean([v for vs in exact.values() for v in vs])))
+    exact_chk = {r["prompt"]: np.array([float(x) for x in r["checker_per_seed"].split(";")])
+                 for r in rows if r["tier"] == "0"}
     for r in rows:
         q = np.array([float(x) for x in r["clip_per_seed"].split(";")])
         rel = np.maximum(0.0, 1.0 + (q - np.array(exact[r["prompt"]])) / c)
         r["rel_quality"], r["rel_quality_std"] = f"{rel.mean():.4f}", f"{rel.std():.4f}"
+        chk = np.array([float(x) for x in r["checker_per_seed"].split(";")])
+        if len(chk) == len(exact_chk[r["prompt"]]):
+            r["checker_delta"] = f"{(chk - exact_chk[r['prompt']]).mean():.4f}"
     out.unlink(missing_ok=True)
     write_rows(out, COLUMNS, rows, mode="w")
     if floor_out is not None:
-        floor = [r for part in floor_parts if part.exists() for r in _read(part)]
+        floor: list[dict[str, str]] = []
+        floor_seen: set[str] = set()
+        for r in (r for part in floor_parts if part.exists() for r in _read(part)):
+            if r["prompt"] not in floor_seen:
+                floor_seen.add(r["prompt"])
+                floor.append(r)
         for r in floor:
             r["rel_quality"] = f"{1 + (float(r['clip_reseed']) - float(r['clip_exact'])) / c:.4f}"
         write_rows(floor_out, FLOOR_COLUMNS, floor, mode="w")

@@ -10,6 +10,8 @@ Sub-commands:
   own policies (:mod:`loadgen.simulate`).
 * ``plot``: PNG figures from one or several replay or simulation results
   (:mod:`loadgen.plot`).
+* ``bench``: every policy on both traces in two scenarios, simulated; writes
+  ``docs/RESULTS.md`` (:mod:`loadgen.bench`).
 
 Each sub-command module provides ``add_parser(subparsers)``, which sets ``func`` on the
 parsed namespace; ``main`` dispatches to it and returns its exit code.
@@ -21,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loadgen import inspector, plot, replay_cli, simulate
+from loadgen import bench, inspector, plot, replay_cli, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspector.add_parser(sub)
     simulate.add_parser(sub)
     plot.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

@@ -171,6 +171,7 @@ class Simulator:
         self.plan: AllocationPlan | None = None
         self.estimate: OverloadEstimate | None = None
         self.wait: dict[int, float] = {}
+        self.gpus: dict[int, int] = {}
         self.inflight = 0
         self.control: list[dict[str, Any]] = []
         self.counters: Counter[str] = Counter()
@@ -246,6 +247,7 @@ class Simulator:
             self._end(job, "expired", t)
             return
         job.degraded = verdict.action == "degraded"
+        self.wait = deadline.charge(self.wait, verdict.tier, self.service_s, self.gpus)
         job.status = "queued"
         self.queues[verdict.tier].append(job)
         self._dispatch(verdict.tier, t)
@@ -373,6 +375,7 @@ class Simulator:
                                  draft.unserved, s.headroom, s.drain_horizon_s)
         self.estimate = report.estimate
         self.wait = {k: round(v, 3) for k, v in report.queue_delay_s.items()}
+        self.gpus = dict(serving)
         self.control.append({
             "t": t, "plan_version": self.plan.version if self.plan else 0,
             "gpus": {k: serving.get(k, 0) for k in range(n)},

@@ -53,8 +53,11 @@ def test_every_arrival_ends_exactly_once(tmp_path: Path, policy: str) -> None:
     assert [r["index"] for r in recs] == list(range(len(recs)))
     counts = {s: statuses.count(s) for s in OUTCOMES}
     assert sum(counts.values()) == summ["offered"] == len(recs)
-    expected = {"succeeded", "rejected", "expired" if policy == "expire" else "unfinished"}
-    assert {s for s, n in counts.items() if n} == expected, counts
+    seen = {s for s, n in counts.items() if n}
+    if policy == "expire":  # late jobs end early: the backlog may stay under the cap
+        assert {"succeeded", "expired"} <= seen <= {"succeeded", "expired", "rejected"}, counts
+    else:
+        assert seen == {"succeeded", "rejected", "unfinished"}, counts
     assert summ["completed"] == counts["succeeded"]
     assert summ["expired"] == counts["expired"] and summ["rejected"] == counts["rejected"]
     assert summ["unfinished"] == counts["unfinished"]

@@ -15,7 +15,7 @@ from common.settings import ClassifierSettings, ControllerSettings
 from common.tiers import Registry, load_registry
 from services.classifier import policies as cpol
 from services.classifier.baselines import CascadePolicy, NirvanaPolicy, cache_tier, rank_draw
-from services.classifier.deadline import decide
+from services.classifier.deadline import charge, decide
 from services.classifier.policies import Decision, FixedPolicy, route
 from services.controller import policies as kpol
 from services.controller.allocators import cascade_split, proportional_split
@@ -209,3 +209,17 @@ def test_deadline_verdicts() -> None:
     assert decide(0, 100.0, 105.0, wait, service, "expire").action == "expire"
     assert decide(1, 100.0, 105.0, wait, service, "expire").action == "ok"
     assert decide(1, 100.0, 99.0, {}, service, "expire").action == "expire"
+
+
+def test_routed_jobs_are_charged_so_degrades_do_not_herd() -> None:
+    """Ten jobs late at tier 0 in one control period: charging each routed job to its
+    tier's estimate spreads them over tiers 1 and 2 instead of all onto tier 1."""
+    wait, service, gpus = {0: 8.0, 1: 0.0, 2: 0.0}, {0: 2.0, 1: 1.0, 2: 0.5}, {0: 2, 1: 1, 2: 1}
+    assert charge(wait, 1, service, gpus) == {0: 8.0, 1: 1.0, 2: 0.0} and wait[1] == 0.0
+    assert charge(wait, 0, service, {}) == wait  # no GPUs known: unchanged
+    tiers = []
+    for _ in range(10):
+        v = decide(0, 100.0, 103.0, wait, service, "degrade")
+        tiers.append(v.tier)
+        wait = charge(wait, v.tier, service, gpus)
+    assert tiers[:2] == [1, 1] and 2 in tiers and tiers.count(1) < 10

@@ -15,6 +15,10 @@ Estimates come from the controller's state: ``finish_j = now + wait_j + service_
 ``wait_j`` = the tier's queueing delay (backlog / service rate), ``service_j`` = its
 profiled batch-1 latency. Without an estimate for a tier (no state, stale state, or no
 GPUs there) only the "already past" check applies.
+
+Between two controller states the router adds each job it sends to a tier to that tier's
+estimate (:func:`charge`: ``service / GPUs`` more waiting), so the jobs of one control
+period do not all herd onto the one cheaper tier the last state called fast.
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ class Verdict:
 
     tier: int
     action: Action
+
+
+def charge(wait: Mapping[int, float], tier: int, service: Mapping[int, float],
+           gpus: Mapping[int, int]) -> dict[int, float]:
+    """``wait`` after one more job is queued at ``tier``: that tier's delay grows by its
+    service time spread over its GPUs. Tiers without an estimate, a service time or GPUs
+    are unchanged (a new copy is returned; ``wait`` is not modified)."""
+    out = dict(wait)
+    n = gpus.get(tier, 0)
+    if tier in out and tier in service and n > 0:
+        out[tier] += service[tier] / n
+    return out
 
 
 def decide(tier: int, now: float, deadline: float | None, wait: Mapping[int, float],

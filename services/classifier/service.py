@@ -80,6 +80,8 @@ class Classifier:
         self.expired = 0
         self._last_reclaim = 0.0
         self._state: ControllerState | None = None
+        self._wait: dict[int, float] = {}  # the state's delays + jobs routed since
+        self._wait_at = 0.0
         self._state_read = 0.0
         device = settings.profile_device or registry.device
         self.service_s = {t.id: s for t in registry.tiers
@@ -195,6 +197,7 @@ class Classifier:
                 probabilities=decision.probabilities, policy=self.policy.name)
             if await self.store.route(classified, entry.id, group=keys.CLASSIFIER_GROUP):
                 self.routed += 1
+                wait = self._charge(verdict.tier) if wait else wait
             else:
                 self.skipped += 1
                 log.info("job not forwarded (already terminal)", extra={"job_id": job.job_id})
@@ -213,7 +216,8 @@ class Classifier:
 
     async def _queue_delays(self) -> dict[int, float]:
         """Per-tier queueing delay from the controller's state (re-read at most every
-        0.5 s); empty when there is none or it is older than ``state_max_age_s``."""
+        0.5 s) plus the jobs routed since it was published (:meth:`_charge`); empty when
+        there is none or it is older than ``state_max_age_s``."""
         if time.monotonic() - self._state_read >= 0.5:
             self._state_read = time.monotonic()
             raw = await self.redis.get(keys.CONTROLLER_STATE)
@@ -224,7 +228,16 @@ class Classifier:
         state = self._state
         if state is None or now() - state.at > self.settings.state_max_age_s:
             return {}
-        return dict(state.queue_delay_s)
+        if state.at != self._wait_at:  # a new state: it counts the jobs routed so far
+            self._wait, self._wait_at = dict(state.queue_delay_s), state.at
+        return self._wait
+
+    def _charge(self, tier: int) -> dict[int, float]:
+        """Add one routed job to ``tier``'s delay estimate until the next controller
+        state (:func:`services.classifier.deadline.charge`)."""
+        gpus = self._state.gpus_per_tier if self._state else {}
+        self._wait = deadline.charge(self._wait, tier, self.service_s, gpus)
+        return self._wait
 
     async def _expire(self, entry: Entry, job: PromptJob) -> None:
         """End a job that cannot start before its deadline (expire policy), then ack."""

@@ -59,3 +59,12 @@ def test_bench_solver_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert {(r["gpus"], r["tiers"], r["formulation"]) for r in rows} == {
         (g, t, f) for g in (8, 16, 64) for t in (6, 12) for f in ("argus", "flow")}
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_tier_means_are_clipped_at_exact_and_unmeasured_tiers_inherit_them() -> None:
+    """A score above exact is seed noise: q_k averages min(1, rel); a tier no prompt was
+    measured at (a lighter model without a stand-in) gets the nearest less approximate
+    tier's clipped mean, never more."""
+    q, table = quality_from_table({"a": {0: 1.0, 1: 1.3}, "b": {0: 1.0, 1: 0.8}}, 3, 0.05)
+    assert q == {0: 1.0, 1: pytest.approx(0.9), 2: pytest.approx(0.9)}
+    assert all(0.0 <= v <= 1.0 for row in table for v in row)

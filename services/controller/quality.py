@@ -7,7 +7,8 @@ Sources, in order of preference (the one used is named in the plan's ``detail``)
    ``profiles/world_quality.csv``), one row per (prompt, tier[, seed]) with a score.
    Each score is made relative to the exact tier's score of the same prompt (and seed,
    when a seed column exists: tiers are compared seed for seed, then averaged). Then
-   ``q_k`` is the mean relative quality at tier ``k``; a prompt's predicted tier is the
+   ``q_k`` is the mean of ``min(1, rel_k)`` at tier ``k`` (a tier is never better than
+   exact: scores above it are seed noise; the same clip as ``Q``); a prompt's predicted tier is the
    cheapest tier whose relative quality is at least ``1 - tolerance`` (the classifier's
    label); ``Q[i][j]`` is the mean of ``min(1, rel_j)`` over prompts predicted at ``i``
    (classes with no prompts get :func:`default_prompt_quality`'s row).
@@ -122,7 +123,7 @@ def quality_from_table(rel: Mapping[str, Mapping[int, float]], n_tiers: int,
         raise ValueError("no prompt has usable quality rows")
     q: dict[int, float] = {}
     for k in range(n_tiers):
-        vals = [t[k] for t in rel.values() if k in t]
+        vals = [min(1.0, t[k]) for t in rel.values() if k in t]
         q[k] = statistics.fmean(vals) if vals else (q[k - 1] if k else 1.0)
     full = {p: {k: t.get(k, q[k]) for k in range(n_tiers)} for p, t in rel.items()}
     classes: dict[int, list[dict[int, float]]] = defaultdict(list)

@@ -145,3 +145,18 @@ def test_diffusers_backend_serves_cache_tiers_refuses_bad_dtypes(tmp_path: Path)
     assert backend.model_switches == 0 and backend.loaded_model is None
     with pytest.raises(BackendError, match="unknown dtype 'fp8'"):
         DiffusersBackend(WorkerSettings(dtype="fp8"))
+
+
+def test_emulated_model_switch_holds_the_worker_for_the_load_time(tmp_path: Path) -> None:
+    path = write_registry(tmp_path / "t.yaml", "m", steps=(10, 5), latency={1: 0.01})
+    registry = load_registry(path)
+    other = registry.tiers[1].model_copy(update={"model": "other", "load_time_s": 0.4})
+    backend = EmulatedBackend(WorkerSettings(backend="emulated", tiers_file=path,
+                                             emulated_latency_scale=0.5), registry)
+    t0 = time.monotonic()
+    backend.prepare(registry.tiers[0])  # the first model: already loaded at start
+    backend.prepare(registry.tiers[0])  # same model: free
+    assert time.monotonic() - t0 < 0.1
+    backend.prepare(other)  # another model: 0.4 s x scale 0.5
+    assert 0.18 <= time.monotonic() - t0 < 0.5
+    assert backend.model_switches == 2 and backend.loaded_model == "other"

@@ -3,6 +3,8 @@
 It lets a cluster of "GPU" workers run on a machine without GPUs: a batch of size b at
 tier k takes ``tier.batch_latency(device, b) * emulated_latency_scale`` seconds, slept in
 step-sized slices so progress events and cancellation behave as with a real model.
+A change of model after the first (a worker starts with its first model loaded) holds
+the worker for the model's ``load_time_s * emulated_latency_scale``, as a real load does.
 """
 
 from __future__ import annotations
@@ -61,9 +63,12 @@ class EmulatedBackend:
         return self._loaded
 
     def prepare(self, tier: Tier) -> None:
-        """Record the tier's model; a change of model counts as a switch (free here)."""
+        """Record the tier's model; a change of model counts as a switch and, unless it
+        is the first model, sleeps the tier's ``load_time_s`` (times the latency scale)."""
         model = self.model_for(tier)
         if model != self._loaded:
+            if self._loaded is not None and self.scale > 0 and tier.load_time_s:
+                time.sleep(tier.load_time_s * self.scale)
             self._loaded = model
             self.model_switches += 1
 

@@ -53,6 +53,10 @@ class CommonSettings(BaseSettings):
         "cheaper tier (degrade) or ended as expired (expire); see docs/policies.md")
     profile_device: str = Field(
         default="", description="latency profile used for planning; '' = registry device")
+    batch_slo_share: float = Field(
+        default=0.5, ge=0, le=1, description="workers run the largest profiled batch whose "
+        "latency is within this share of the SLO, and the controller plans capacity at it; "
+        "0 = always the tier's largest batch")
 
 
 class GatewaySettings(CommonSettings):

@@ -75,6 +75,16 @@ class Tier(BaseModel):
         """Largest batch size this tier runs."""
         return max(self.batch_sizes)
 
+    def serving_batch(self, device: str, budget_s: float | None) -> int:
+        """The batch size this tier is served at: the largest of ``batch_sizes`` whose
+        profiled latency on ``device`` is at most ``budget_s`` (the smallest size when none
+        fits); the largest size when there is no budget or no profile for ``device``."""
+        if budget_s is None or self.batch_latency(device, 1) is None:
+            return self.max_batch
+        fits = [b for b in self.batch_sizes
+                if (self.batch_latency(device, b) or float("inf")) <= budget_s]
+        return max(fits) if fits else min(self.batch_sizes)
+
     def batch_latency(self, device: str, batch: int) -> float | None:
         """Profiled seconds for a batch of ``batch`` on ``device`` (interpolated linearly
         between profiled sizes, extrapolated from the largest); None when unprofiled."""
@@ -118,6 +128,11 @@ class Registry(BaseModel):
         if 0 <= tier_id < len(self.tiers):
             return self.tiers[tier_id]
         raise KeyError(f"unknown tier {tier_id}; valid: 0..{len(self.tiers) - 1}")
+
+    def batch_budget_s(self, share: float) -> float | None:
+        """Seconds a batch may take: ``share`` of the SLO (:meth:`default_slo_ms`); None
+        (no cap) when ``share`` <= 0."""
+        return share * self.default_slo_ms() / 1000 if share > 0 else None
 
     def default_slo_ms(self) -> int:
         """The SLO: explicit, else 3x the exact tier's batch-1 latency (else 10 s)."""

@@ -143,16 +143,17 @@ class Simulator:
                      for i, (t, p) in enumerate(zip(arrivals, prompt_of, strict=True))]
         self.n_tiers = len(registry.tiers)
         dev = config.device
-        self.limit = [batch_limit(0, t) for t in registry.tiers]
+        budget = registry.batch_budget_s(settings.batch_slo_share)
+        self.limit = [batch_limit(0, t, dev, budget) for t in registry.tiers]
         self.latency = [[0.0] + [t.batch_latency(dev, b) or math.nan
-                                 for b in range(1, batch_limit(0, t) + 1)]
+                                 for b in range(1, self.limit[t.id] + 1)]
                         for t in registry.tiers]
         for t in registry.tiers:
             if t.batch_latency(dev, 1) is None:
                 raise ValueError(f"tier {t.id} ({t.name}) has no latency profile for "
                                  f"device {dev!r}")
         self.service_s = {t.id: self.latency[t.id][1] for t in registry.tiers}
-        self.rate = overload.per_gpu_rate(registry, dev)
+        self.rate = overload.per_gpu_rate(registry, dev, budget)
         self.workers = [_Worker(i) for i in range(config.gpus)]
         self.heartbeats = [WorkerHeartbeat(instance=w.name, at=0.0) for w in self.workers]
         self.queues: list[deque[Job]] = [deque() for _ in registry.tiers]

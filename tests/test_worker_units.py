@@ -41,6 +41,26 @@ def test_batch_limit_and_reclaim_period(tmp_path: Path) -> None:
     assert reclaim_period_s(1000) == 0.5
 
 
+def test_serving_batch_fits_the_slo_share(tmp_path: Path) -> None:
+    """Batches as large as fit the budget (a share of the SLO), the controller's capacity at
+    that size: exact at 1/2/4/8 takes 0.6/0.7/0.9/1.5 s; SLO 3 x 0.6 s = 1.8 s."""
+    from services.controller.overload import per_gpu_rate
+
+    lat = {1: 0.6, 2: 0.7, 4: 0.9, 8: 1.5}
+    reg = load_registry(write_registry(tmp_path / "t.yaml", "m", steps=(4, 2), latency=lat,
+                                       batch_sizes=(1, 2, 4, 8)))
+    exact, half = reg.tiers
+    assert reg.default_slo_ms() == 1800 and reg.batch_budget_s(0.5) == pytest.approx(0.9)
+    assert reg.batch_budget_s(0.0) is None
+    assert batch_limit(0, exact, "cpu", reg.batch_budget_s(0.5)) == 4
+    assert batch_limit(0, half, "cpu", reg.batch_budget_s(0.5)) == 8  # half the steps
+    assert batch_limit(0, exact, "cpu", 0.1) == 1  # nothing fits: the smallest size
+    assert batch_limit(0, exact, "cpu", None) == 8 == batch_limit(0, exact, "gpu", 0.9)
+    assert batch_limit(2, exact, "cpu", 0.9) == 2  # T2I_MAX_BATCH wins
+    rate = per_gpu_rate(reg, "cpu", reg.batch_budget_s(0.5))
+    assert rate is not None and rate[0] == pytest.approx(4 / 0.9)
+
+
 def test_plan_rules() -> None:
     v1 = AllocationPlan(version=1, policy="p", assignments={"a": 0})
     v2 = AllocationPlan(version=2, policy="p", assignments={"a": 1})

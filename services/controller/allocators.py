@@ -4,7 +4,7 @@ same inputs (Proteus, NIRVANA, DiffServe). Pure: no I/O after construction.
 Each ``plan`` turns an :class:`~services.controller.policies.Observation` into a
 :class:`~services.controller.policies.Draft` whose routing rows are non-negative and sum
 to 1 and whose GPU counts sum to the live workers (``tests/test_policies.py``).
-Capacities are ``b / latency(b)`` at each tier's largest batch (``specs_from_registry``)
+Capacities are ``b / latency(b)`` at each tier's serving batch (``specs_from_registry``)
 on the planning device (``T2I_PROFILE_DEVICE``, default the registry's), with the
 solver's headroom; model load times (the switch cost) from the tiers' ``load_time_s``.
 """
@@ -64,7 +64,8 @@ def planning(settings: ControllerSettings, registry: Registry) -> Planning:
     device = settings.profile_device or registry.device
     quality = load_quality(registry, settings.quality_file, settings.quality_tolerance)
     try:
-        specs = specs_from_registry(registry, device, quality.q)
+        specs = specs_from_registry(registry, device, quality.q,
+                                    budget_s=registry.batch_budget_s(settings.batch_slo_share))
     except ValueError as exc:
         raise PolicyError(f"policy {settings.policy!r} needs latency profiles: {exc} "
                           "(run the latency profiling, or set T2I_PROFILE_DEVICE)") from exc

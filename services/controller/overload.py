@@ -19,15 +19,18 @@ MAX_DELAY_S = 24 * 3600.0
 """Delay reported when jobs wait and nothing serves them (no GPU anywhere)."""
 
 
-def per_gpu_rate(registry: Registry, device: str) -> dict[int, float] | None:
-    """Jobs/s one GPU serves at each tier (largest batch), or None when some tier has no
-    latency profile for ``device`` (capacity is then unknown)."""
+def per_gpu_rate(registry: Registry, device: str, budget_s: float | None = None
+                 ) -> dict[int, float] | None:
+    """Jobs/s one GPU serves at each tier (at its serving batch,
+    :meth:`common.tiers.Tier.serving_batch` with ``budget_s``), or None when some tier has
+    no latency profile for ``device`` (capacity is then unknown)."""
     out: dict[int, float] = {}
     for tier in registry.tiers:
-        seconds = tier.batch_latency(device, tier.max_batch)
+        b = tier.serving_batch(device, budget_s)
+        seconds = tier.batch_latency(device, b)
         if seconds is None:
             return None
-        out[tier.id] = tier.max_batch / seconds
+        out[tier.id] = b / seconds
     return out
 
 

@@ -69,7 +69,8 @@ class Controller:
             drain_horizon_s=s.drain_horizon_s)
         self.load = self.estimator.initial()
         self.last_second: int | None = None
-        self.rate = overload.per_gpu_rate(registry, s.profile_device or registry.device)
+        self.rate = overload.per_gpu_rate(registry, s.profile_device or registry.device,
+                                          registry.batch_budget_s(s.batch_slo_share))
         self.rehomer = Rehomer(redis, s.claim_idle_ms, int(s.heartbeat_ttl_s * 1000),
                                s.max_deliveries)
         self.state: ControllerState | None = None

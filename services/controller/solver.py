@@ -78,12 +78,14 @@ class TierSpec:
 
 
 def specs_from_registry(registry: Registry, device: str, quality: Mapping[int, float],
-                        batch: int | None = None) -> list[TierSpec]:
+                        batch: int | None = None, budget_s: float | None = None
+                        ) -> list[TierSpec]:
     """Tier specs from the registry's latency profiles.
 
     ``capacity_per_gpu = b / batch_latency(device, b)`` where ``b`` is ``batch`` capped at
-    the tier's largest batch size, or the tier's largest batch size when ``batch`` is
-    None (a saturated GPU runs full batches).
+    the tier's largest batch size, or, when ``batch`` is None, the tier's serving batch
+    (:meth:`common.tiers.Tier.serving_batch` within ``budget_s``; the largest size without
+    a budget): a saturated GPU runs full batches of the size the workers use.
 
     Raises:
         ValueError: A tier has no profile for ``device``, no quality, or ``batch < 1``.
@@ -92,7 +94,8 @@ def specs_from_registry(registry: Registry, device: str, quality: Mapping[int, f
         raise ValueError(f"batch must be >= 1, got {batch}")
     specs = []
     for tier in registry.tiers:
-        b = tier.max_batch if batch is None else min(batch, tier.max_batch)
+        b = tier.serving_batch(device, budget_s) if batch is None else \
+            min(batch, tier.max_batch)
         seconds = tier.batch_latency(device, b)
         if seconds is None:
             raise ValueError(f"tier {tier.id} ({tier.name}) has no latency profile for "

@@ -11,9 +11,13 @@ from common.tiers import Tier
 T = TypeVar("T")
 
 
-def batch_limit(max_batch: int, tier: Tier) -> int:
-    """Largest batch to read: ``max_batch`` when set (> 0), else the tier's largest size."""
-    return max_batch if max_batch > 0 else tier.max_batch
+def batch_limit(max_batch: int, tier: Tier, device: str = "",
+                budget_s: float | None = None) -> int:
+    """Largest batch to read: ``max_batch`` when set (> 0), else the tier's serving batch
+    (:meth:`common.tiers.Tier.serving_batch`: the largest profiled size whose latency on
+    ``device`` fits ``budget_s``, a share of the SLO; the largest size without a budget).
+    The controller plans capacity at the same size."""
+    return max_batch if max_batch > 0 else tier.serving_batch(device, budget_s)
 
 
 def shape_key(job: ClassifiedJob) -> tuple[int, int, int]:

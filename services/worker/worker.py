@@ -80,6 +80,8 @@ class Worker:
         self.busy = False
         self.jobs_done = 0
         self._last_reclaim = 0.0
+        self.device = settings.device or registry.device
+        self.batch_budget_s = registry.batch_budget_s(settings.batch_slo_share)
 
     def heartbeat(self) -> WorkerHeartbeat:
         """This worker's current heartbeat."""
@@ -166,7 +168,7 @@ class Worker:
     async def _poll_once(self, consumer: StreamConsumer) -> None:
         """Reclaim when due, else read one batch; then process it."""
         assert self.tier is not None
-        limit = batch_limit(self.settings.max_batch, self.tier)
+        limit = batch_limit(self.settings.max_batch, self.tier, self.device, self.batch_budget_s)
         if time.monotonic() - self._last_reclaim >= reclaim_period_s(
                 self.settings.claim_idle_ms):
             self._last_reclaim = time.monotonic()
@@ -200,7 +202,7 @@ class Worker:
                 continue
             if await self._admit(consumer, entry, job, tier):
                 admitted.append(Work(entry, job))
-        limit = batch_limit(self.settings.max_batch, tier)
+        limit = batch_limit(self.settings.max_batch, tier, self.device, self.batch_budget_s)
         for group in group_batches(admitted, lambda w: shape_key(w.job), limit):
             await self._run_batch(consumer, tier, group)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from common.tiers import load_registry
 from loadgen.__main__ import build_parser, main
@@ -33,7 +34,26 @@ def write_trace(path: Path, rate: float, seconds: float, seed: int = 0,
     return path
 
 
+FROZEN: list[Path] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def frozen_registry(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The small-world registry with a fixed, batch-1-only CPU profile (0.6 s per exact
+    image, linear in steps, no batching gain): the load levels of these tests stay what
+    they were designed for whatever ``profiles/tiers.yaml`` measures on a given day."""
+    doc = yaml.safe_load((REPO / "profiles" / "tiers.yaml").read_text())
+    for tier in doc["tiers"]:
+        tier["latency"] = {"cpu": {1: round(0.6 * (tier["steps"] - tier.get("skip", 0))
+                                            / 20, 4)}}
+    path = tmp_path_factory.mktemp("frozen") / "tiers.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    FROZEN[:] = [path]
+
+
 def run_sim(*argv: str) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    if "--tiers" not in argv:
+        argv = (*argv, "--tiers", str(FROZEN[0]))
     args = build_parser().parse_args(["simulate", *argv])
     summ, recs, result, _ = simulate(args)
     return summ, recs, result

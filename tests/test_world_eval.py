@@ -7,30 +7,12 @@ import pytest
 import torch
 
 from world.approx import approx_report, format_table
-from world.clip import WorldCLIP
+from world.clip import WorldCLIP, tiny_clip_config
 from world.evaluate import contact_sheet, evaluate, generate
 from world.pipeline import WorldPipeline
 from world.unet import build_unet, sample_scheduler
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {
-        "image_size": 32,
-        "layers": 1,
-        "width": 16,
-        "head_width": 8,
-        "mlp_ratio": 1.0,
-        "patch_size": 8,
-    },
-    "text_cfg": {
-        "context_length": 24,
-        "vocab_size": 64,
-        "width": 16,
-        "heads": 2,
-        "layers": 1,
-        "mlp_ratio": 1.0,
-    },
-}
+TINY_CLIP = tiny_clip_config()
 
 
 @pytest.fixture(scope="module")

@@ -8,29 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from world.clip import WorldCLIP, clip_score, encode_text, text_states
+from world.clip import WorldCLIP, clip_score, encode_text, text_states, tiny_clip_config
 from world.pipeline import DEFAULT_PATH, WorldPipeline, load_world_pipeline
 from world.unet import build_unet, sample_scheduler
 
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {
-        "image_size": 32,
-        "layers": 1,
-        "width": 16,
-        "head_width": 8,
-        "mlp_ratio": 1.0,
-        "patch_size": 8,
-    },
-    "text_cfg": {
-        "context_length": 24,
-        "vocab_size": 64,
-        "width": 16,
-        "heads": 2,
-        "layers": 1,
-        "mlp_ratio": 1.0,
-    },
-}
+TINY_CLIP = tiny_clip_config()
 PROMPTS = ["a red circle on the left", "two blue squares"]
 
 

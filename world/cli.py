@@ -37,6 +37,7 @@ def _emit(obj: Any, as_json: bool) -> None:
 
 def _train_clip(args: argparse.Namespace) -> int:
     _threads(args)
+    from world.clip import tiny_clip_config
     from world.train_clip import ClipTrainConfig, retrieval_top1, train_clip
 
     cfg = ClipTrainConfig(
@@ -48,34 +49,12 @@ def _train_clip(args: argparse.Namespace) -> int:
         ckpt_every_s=args.ckpt_every,
     )
     if args.tiny:
-        cfg.model_cfg = _tiny_clip_cfg()
+        cfg.model_cfg = tiny_clip_config()
     path = train_clip(cfg)
     from world.clip import load_clip
 
     _emit({"model": str(path), "heldout_t2i_top1": retrieval_top1(load_clip(path))}, args.json)
     return 0
-
-
-def _tiny_clip_cfg() -> dict[str, Any]:
-    return {
-        "embed_dim": 16,
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": 1,
-            "width": 16,
-            "head_width": 8,
-            "mlp_ratio": 1.0,
-            "patch_size": 8,
-        },
-        "text_cfg": {
-            "context_length": 24,
-            "vocab_size": 64,
-            "width": 16,
-            "heads": 2,
-            "layers": 1,
-            "mlp_ratio": 1.0,
-        },
-    }
 
 
 def _train_unet(args: argparse.Namespace) -> int:

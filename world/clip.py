@@ -182,3 +182,27 @@ def clip_score(
     im = F.normalize(model.encode_image(x).float(), dim=-1)
     tx = torch.from_numpy(encode_text(model, list(prompts))).to(im.device)
     return (100.0 * (im * tx).sum(-1)).cpu().numpy()
+
+
+def tiny_clip_config() -> dict[str, Any]:
+    """A tiny open_clip config of the same architecture (tests and `train-clip --tiny`):
+    one layer per tower, width 16; a fresh dict on every call."""
+    return {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 16,
+            "head_width": 8,
+            "mlp_ratio": 1.0,
+            "patch_size": 8,
+        },
+        "text_cfg": {
+            "context_length": 24,
+            "vocab_size": 64,
+            "width": 16,
+            "heads": 2,
+            "layers": 1,
+            "mlp_ratio": 1.0,
+        },
+    }

@@ -29,6 +29,18 @@ DEFAULT_PROMPTS = "prompts/PartiPrompts.tsv"
 MAX_SEED = 2**31 - 1
 
 
+def add_scaling_args(p: argparse.ArgumentParser) -> None:
+    """The trace-scaling options shared by ``replay`` and ``simulate``: ``--time-scale``
+    and one of ``--rate-scale`` / ``--target-utilization``."""
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply arrival offsets (2: twice as slow)")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--rate-scale", type=float, default=None,
+                      help="thin (<1) or replicate (>1) arrivals")
+    rate.add_argument("--target-utilization", type=float, default=None, metavar="X",
+                      help="scale so peak arrivals/min = X x exact-tier capacity on --gpus")
+
+
 def add_parser(sub: Any) -> None:
     """Add the ``replay`` sub-command to an argparse sub-parsers object."""
     p = sub.add_parser("replay", help="replay an arrival trace against the gateway",
@@ -40,13 +52,7 @@ def add_parser(sub: Any) -> None:
                         "looked up in the shared data directory)")
     p.add_argument("--prompts", default=DEFAULT_PROMPTS,
                    help="prompt file (.tsv/.json/.jsonl/text) or 'world'")
-    p.add_argument("--time-scale", type=float, default=1.0,
-                   help="multiply arrival offsets (2: twice as slow)")
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--rate-scale", type=float, default=None,
-                      help="thin (<1) or replicate (>1) arrivals")
-    rate.add_argument("--target-utilization", type=float, default=None, metavar="X",
-                      help="scale so peak arrivals/min = X x exact-tier capacity on --gpus")
+    add_scaling_args(p)
     p.add_argument("--tiers", type=Path, default=DEFAULT_TIERS_FILE,
                    help="tier registry (capacity and default SLO)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs, for --target-utilization")

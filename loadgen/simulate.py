@@ -35,7 +35,14 @@ from common.settings import (
 from common.tiers import RegistryError, load_registry
 from loadgen import prompts as P
 from loadgen import traces as T
-from loadgen.replay_cli import MAX_SEED, _clean, build_prompts, build_trace, default_slo_ms
+from loadgen.replay_cli import (
+    MAX_SEED,
+    _clean,
+    add_scaling_args,
+    build_prompts,
+    build_trace,
+    default_slo_ms,
+)
 from loadgen.sim_engine import SimConfig, Simulator
 from loadgen.sim_quality import (
     PREDICTORS,
@@ -69,13 +76,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--gpus", type=int, required=True, help="GPUs (one worker each)")
     p.add_argument("--tiers", type=Path, default=DEFAULT_TIERS_FILE, help="tier registry")
     p.add_argument("--device", default=None, help="latency profile (default: registry's)")
-    p.add_argument("--time-scale", type=float, default=1.0,
-                   help="multiply arrival offsets (2: twice as slow)")
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--rate-scale", type=float, default=None,
-                      help="thin (<1) or replicate (>1) arrivals")
-    rate.add_argument("--target-utilization", type=float, default=None, metavar="X",
-                      help="scale so peak arrivals/min = X x exact-tier capacity on --gpus")
+    add_scaling_args(p)
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="simulate only the first S seconds of the trace (after time scaling)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -192,3 +193,29 @@ def test_merge_combines_disjoint_seed_sets(world: tuple[Path, Path], tmp_path: P
     # The same seed set twice is not double-counted.
     merge([parts[0], parts[0]], merged, [], None)
     assert all(r["seeds"] == "1" for r in rows_of(merged))
+
+
+def test_seed_consistency_separates_prompt_from_seed_noise() -> None:
+    """A loss that belongs to the prompt repeats across seed halves (correlation near 1,
+    verdicts agree); a loss that is fresh noise per seed does not (near 0)."""
+    from services.profile.report import seed_consistency
+
+    rng = np.random.default_rng(0)
+
+    def table(prompt_part: float) -> list[dict[str, str]]:
+        rows = []
+        for i in range(400):
+            loss = rng.normal(0, 0.1)
+            ex = rng.normal(80, 5, 4)
+            tier = ex + 80 * (prompt_part * loss + (1 - prompt_part) * rng.normal(0, 0.1, 4))
+            for k, name, clip in ((0, "exact", ex), (1, "steps-5", tier)):
+                rows.append({"prompt": f"p{i}", "tier": str(k), "tier_name": name,
+                             "clip_per_seed": ";".join(f"{x:.2f}" for x in clip)})
+        return rows
+
+    prompt, noise = seed_consistency(table(1.0)), seed_consistency(table(0.0))
+    assert prompt["steps-5"]["seeds"] == 4 and prompt["steps-5"]["prompts"] == 400
+    assert prompt["steps-5"]["half_corr"] > 0.95 and prompt["steps-5"]["safe_agreement"] > 0.9
+    assert abs(noise["steps-5"]["half_corr"]) < 0.15
+    assert noise["steps-5"]["safe_agreement"] < 0.8
+    assert seed_consistency([r for r in table(1.0) if r["tier"] == "1"]) == {}

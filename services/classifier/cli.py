@@ -39,13 +39,29 @@ def _summary(report: dict[str, Any]) -> str:
     rows += [line(n, m) for n, m in report["baselines"].items()]
     if report.get("multiclass_argmax"):
         rows.append(line("multiclass", report["multiclass_argmax"]))
+    for name, c in (report.get("seed_consistency") or {}).items():
+        rows.append(f"label noise {name:10s} half-correlation {c['half_corr']:.3f}  "
+                    f"same verdict {c['safe_agreement']:.3f}  ({int(c['seeds'])} seeds)")
     return "\n".join(rows)
+
+
+def _label_noise(report: dict[str, Any], table: str | Path, tolerance: float) -> None:
+    """Add how much of the labels is seed noise: the noise floor file, and the split-half
+    consistency of every tier's loss when the table has two or more seeds."""
+    import csv
+
+    from services.classifier.features import noise_floor
+    from services.profile.report import seed_consistency
+
+    report["noise_floor"] = noise_floor(table, tolerance)
+    with Path(table).open(newline="") as f:
+        report["seed_consistency"] = seed_consistency(list(csv.DictReader(f)), tolerance)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, save model + report, print the report."""
     from common.tiers import RegistryError, load_registry
-    from services.classifier.features import load_embedder, noise_floor, read_table
+    from services.classifier.features import load_embedder, read_table
     from services.classifier.train import Params, compare_multiclass, train
 
     s = ClassifierSettings()
@@ -60,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     params = Params(tolerance=tol, seed=args.seed, valid_frac=args.valid_frac,
                     target_safe=args.target_safe, threads=args.threads)
     model, report = train(table, registry, embedder, params)
-    report["noise_floor"] = noise_floor(args.table, tol)
+    _label_noise(report, args.table, tol)
     if args.compare_multiclass:
         report["multiclass_argmax"] = compare_multiclass(table, registry, embedder, params)
     out = Path(args.out)
@@ -73,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Print the held-out report of a saved model."""
     from common.tiers import RegistryError, load_registry
-    from services.classifier.features import load_embedder, noise_floor, read_table
+    from services.classifier.features import load_embedder, read_table
     from services.classifier.lgbm import ModelError, load_model
     from services.classifier.train import evaluate
 
@@ -87,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sys.stderr.write(f"argus classifier eval: {exc}\n")
         return 2
     report = evaluate(model, table, registry, embedder)
-    report["noise_floor"] = noise_floor(args.table, model.tolerance)
+    _label_noise(report, args.table, model.tolerance)
     sys.stdout.write((json.dumps(report, indent=1) if args.json else _summary(report)) + "\n")
     return 0
 

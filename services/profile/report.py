@@ -6,6 +6,10 @@ vs exact, latency per image at batch 1 and at the largest batch, speed-up vs exa
 and for cache tiers the realised share of the theoretical saving at batch 1,
 ``(t_exact - t_tier) / (t_exact * K / N)``. The seed noise floor (the exact tier
 re-run with other seeds) is summarised with the same statistics.
+
+:func:`seed_consistency` says how much of a per-prompt label is the prompt and how much
+is the seed: with two or more seeds per prompt, it compares each tier's paired loss on
+one half of the seeds with the other half.
 """
 
 from __future__ import annotations
@@ -32,6 +36,54 @@ def _stats(rows: list[dict[str, str]]) -> dict[str, float]:
     return {"n": float(len(rows)), "rel_quality": float(np.nanmean(rel)),
             "within_5pct": float(np.nanmean(rel >= WITHIN)),
             "checker_delta": float(np.nanmean(_floats(rows, "checker_delta")))}
+
+
+def seed_consistency(rows: list[dict[str, str]], tolerance: float = 1 - WITHIN
+                     ) -> dict[str, dict[str, float]]:
+    """Split-half consistency of each approximate tier's per-prompt quality loss.
+
+    For every prompt with at least two seeds in both its exact row and the tier's row,
+    the paired loss of seed ``s`` is ``(clip_tier(s) - clip_exact(s)) / C`` (``C`` = the
+    mean exact CLIP score, as in ``rel_quality``); the even seeds' mean is one half, the
+    odd seeds' the other. Per tier (keyed by name): ``prompts``, ``seeds`` (fewest per
+    prompt), ``half_corr`` (Pearson correlation of the two halves over prompts: the
+    share of the between-prompt variation that repeats with new noise; 0 = the loss is
+    all seed noise, 1 = all prompt), ``reliability`` (Spearman-Brown: the expected
+    correlation of the all-seeds mean with a repeat of it, ``2r / (1 + r)``) and
+    ``safe_agreement`` (share of prompts whose verdict ``loss >= -tolerance`` is the
+    same in both halves). Tiers with fewer than 3 such prompts are left out.
+    """
+    def seeds(r: dict[str, str]) -> np.ndarray:
+        return np.array([float(x) for x in (r.get("clip_per_seed") or "").split(";") if x])
+
+    exact = {r["prompt"]: seeds(r) for r in rows if r["tier"] == "0"}
+    if not exact:
+        return {}
+    c = max(1.0, float(np.mean(np.concatenate(list(exact.values())))))
+    halves: dict[str, list[tuple[float, float, int]]] = {}
+    for r in rows:
+        e = exact.get(r["prompt"])
+        if r["tier"] == "0" or e is None:
+            continue
+        q = seeds(r)
+        n = min(len(q), len(e))
+        if n < 2:
+            continue
+        d = (q[:n] - e[:n]) / c
+        halves.setdefault(r.get("tier_name") or r["tier"], []).append(
+            (float(d[0::2].mean()), float(d[1::2].mean()), n))
+    out: dict[str, dict[str, float]] = {}
+    for name, v in halves.items():
+        if len(v) < 3:
+            continue
+        a = np.array([x[0] for x in v])
+        b = np.array([x[1] for x in v])
+        r_half = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+        out[name] = {"prompts": float(len(v)), "seeds": float(min(x[2] for x in v)),
+                     "half_corr": r_half,
+                     "reliability": 2 * r_half / (1 + r_half) if r_half > -1 else 0.0,
+                     "safe_agreement": float(np.mean((a >= -tolerance) == (b >= -tolerance)))}
+    return out
 
 
 def summarize(registry: Registry, quality_csv: Path, floor_csv: Path | None,
@@ -74,6 +126,9 @@ def summarize(registry: Registry, quality_csv: Path, floor_csv: Path | None,
     if floor_csv is not None and floor_csv.exists():
         with floor_csv.open(newline="") as f:
             out["noise_floor"] = _stats(list(csv.DictReader(f)))
+    consistency = seed_consistency(rows)
+    if consistency:
+        out["seed_consistency"] = consistency
     return out
 
 
@@ -113,6 +168,15 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Seed noise floor (exact re-run with other seeds, {int(nf['n'])} "
                   f"prompts): rel. quality {nf['rel_quality']:.3f}, within 5 % "
                   f"{nf['within_5pct']:.1%}, Δ checker {nf['checker_delta']:+.3f}."]
+    sc = summary.get("seed_consistency")
+    if sc:
+        lines += ["", "Seed consistency of the per-prompt loss (even vs odd seeds; "
+                  "`seed_consistency` in services/profile/report.py):", "",
+                  "| tier | prompts | seeds | half correlation | reliability of the mean "
+                  "| same verdict at 5 % |", "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {int(v['prompts'])} | {int(v['seeds'])} | {v['half_corr']:.3f} "
+                  f"| {v['reliability']:.3f} | {v['safe_agreement']:.1%} |"
+                  for n, v in sc.items()]
     return "\n".join(lines) + "\n"
 
 

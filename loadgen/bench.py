@@ -218,7 +218,7 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model"))
+                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return (f"{platform.node()}, {os.cpu_count()} CPUs ({cpu}), {platform.platform()}, "
             f"Python {platform.python_version()}, load average at start {load}")

@@ -27,7 +27,7 @@ test: setup
 
 check: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy --strict common services loadgen world
+	$(VENV)/bin/mypy --strict common services loadgen world tests
 
 bench: bench-control-plane bench-results
 

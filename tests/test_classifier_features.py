@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,13 @@ def test_lgbm_embeds_once_when_the_cache_shares_the_world_clip(redis_url: str) -
     assert shared.lookup.embedder is shared.loaded.embedder  # type: ignore[attr-defined]
     calls: list[int] = []
     embed = shared.loaded.embedder.embed
-    shared.loaded.embedder.embed = lambda p: calls.append(len(p)) or embed(p)  # type: ignore[method-assign]
+
+    def counting(prompts: Sequence[str]) -> np.ndarray:
+        calls.append(len(prompts))
+        out: np.ndarray = embed(prompts)
+        return out
+
+    shared.loaded.embedder.embed = counting
     own = LgbmPolicy(cfg.classifier_model, tiers, "argus",
                      lookup=build_lookup(redis_url, load_registry(tiers)))
     jobs = [PromptJob(job_id=str(i), prompt=p, seed=1) for i, p in

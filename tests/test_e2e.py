@@ -6,6 +6,7 @@ import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,9 +28,9 @@ def decode(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
-def wait_all(client: httpx.Client, ids: list[str], timeout: float) -> dict[str, dict]:
+def wait_all(client: httpx.Client, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
     """Poll until every job is terminal; returns the final status bodies."""
-    done: dict[str, dict] = {}
+    done: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     while len(done) < len(ids) and time.monotonic() < deadline:
         for job_id in ids:

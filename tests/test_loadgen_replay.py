@@ -272,7 +272,7 @@ async def _seed_redis(r: aioredis.Redis) -> None:
         await r.xadd(tier1, {"data": json.dumps({"job_id": f"j{i}"})})
     await r.xgroup_create(tier1, keys.WORKER_GROUP, id="0")
     await r.xreadgroup(keys.WORKER_GROUP, "gpu0-tier1", {tier1: ">"}, count=1)
-    await r.hset(keys.delivery_errors_key(tier1), "1-0", "boom")  # must be skipped
+    await r.hset(keys.delivery_errors_key(tier1), "1-0", "boom")  # type: ignore[misc]  # must be skipped
     await r.xadd(keys.DEAD_LETTER_STREAM, {"data": json.dumps({"job_id": "dead1"}),
                                            "source_stream": tier1, "reason": "max deliveries",
                                            "error": "CUDA OOM"})

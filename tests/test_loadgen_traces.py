@@ -7,6 +7,7 @@ Tests on the full shared files skip when the data directory is absent.
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -230,6 +231,6 @@ def test_world_source(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(name: str) -> None:
         raise ImportError(f"No module named {name!r}")
 
-    monkeypatch.setattr(P.importlib, "import_module", missing)
+    monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(P.PromptError, match=r"world\.scenes\.heldout_captions"):
         P.load_prompts("world", n=3)

@@ -277,6 +277,7 @@ def test_cli_train_then_eval_reports_the_same(
     evaluated = json.loads(capsys.readouterr().out)
     for key in ("safe_rate", "saving", "saving_vs_oracle", "accuracy", "baselines", "n"):
         assert evaluated[key] == trained[key]
+    assert evaluated["seed_consistency"] == {}  # no per-seed columns in this table
     assert main(["classifier", "eval", "--model", str(tmp_path / "none.json"),
                  "--table", str(table), "--tiers", str(tiers)]) == 2
 

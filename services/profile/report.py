@@ -38,6 +38,18 @@ def _stats(rows: list[dict[str, str]]) -> dict[str, float]:
             "checker_delta": float(np.nanmean(_floats(rows, "checker_delta")))}
 
 
+def _per_seed(r: dict[str, str], col: str = "clip_per_seed") -> np.ndarray:
+    """A row's per-seed scores (``;``-separated in ``col``), in seed order."""
+    return np.array([float(x) for x in (r.get(col) or "").split(";") if x], np.float64)
+
+
+def _ref_clip(exact: dict[str, np.ndarray]) -> float:
+    """The reference C of ``rel_quality``: the mean exact CLIP score over every seed of
+    every prompt, at least 1 (1 when there are no scores)."""
+    scores = np.concatenate(list(exact.values()))
+    return max(1.0, float(scores.mean())) if scores.size else 1.0
+
+
 def seed_consistency(rows: list[dict[str, str]], tolerance: float = 1 - WITHIN
                      ) -> dict[str, dict[str, float]]:
     """Split-half consistency of each approximate tier's per-prompt quality loss.
@@ -53,19 +65,16 @@ def seed_consistency(rows: list[dict[str, str]], tolerance: float = 1 - WITHIN
     ``safe_agreement`` (share of prompts whose verdict ``loss >= -tolerance`` is the
     same in both halves). Tiers with fewer than 3 such prompts are left out.
     """
-    def seeds(r: dict[str, str]) -> np.ndarray:
-        return np.array([float(x) for x in (r.get("clip_per_seed") or "").split(";") if x])
-
-    exact = {r["prompt"]: seeds(r) for r in rows if r["tier"] == "0"}
+    exact = {r["prompt"]: _per_seed(r) for r in rows if r["tier"] == "0"}
     if not exact:
         return {}
-    c = max(1.0, float(np.mean(np.concatenate(list(exact.values())))))
+    c = _ref_clip(exact)
     halves: dict[str, list[tuple[float, float, int]]] = {}
     for r in rows:
         e = exact.get(r["prompt"])
         if r["tier"] == "0" or e is None:
             continue
-        q = seeds(r)
+        q = _per_seed(r)
         n = min(len(q), len(e))
         if n < 2:
             continue
@@ -199,8 +208,7 @@ def _combine(first: dict[str, str], more: dict[str, str]) -> None:
     recompute its per-seed statistics (``checker_delta`` is recomputed by ``merge``)."""
     for col in ("clip_per_seed", "checker_per_seed"):
         first[col] = f"{first[col]};{more[col]}"
-    clip = np.array([float(x) for x in first["clip_per_seed"].split(";")])
-    chk = np.array([float(x) for x in first["checker_per_seed"].split(";")])
+    clip, chk = _per_seed(first), _per_seed(first, "checker_per_seed")
     first["seeds"] = str(len(clip))
     first["clip_mean"], first["clip_std"] = f"{clip.mean():.4f}", f"{clip.std():.4f}"
     first["checker_mean"], first["checker_std"] = f"{chk.mean():.4f}", f"{chk.std():.4f}"
@@ -239,18 +247,15 @@ def merge(parts: list[Path], out: Path, floor_parts: list[Path], floor_out: Path
                     and None not in index[key][1]:
                 _combine(index[key][0], r)
                 index[key][1].add(offset)
-    exact = {r["prompt"]: [float(x) for x in r["clip_per_seed"].split(";")]
-             for r in rows if r["tier"] == "0"}
+    exact = {r["prompt"]: _per_seed(r) for r in rows if r["tier"] == "0"}
     if not exact:
         raise ValueError("no exact-tier rows to normalise by")
-    c = max(1.0, float(np.mean([v for vs in exact.values() for v in vs])))
-    exact_chk = {r["prompt"]: np.array([float(x) for x in r["checker_per_seed"].split(";")])
-                 for r in rows if r["tier"] == "0"}
+    c = _ref_clip(exact)
+    exact_chk = {r["prompt"]: _per_seed(r, "checker_per_seed") for r in rows if r["tier"] == "0"}
     for r in rows:
-        q = np.array([float(x) for x in r["clip_per_seed"].split(";")])
-        rel = np.maximum(0.0, 1.0 + (q - np.array(exact[r["prompt"]])) / c)
+        rel = np.maximum(0.0, 1.0 + (_per_seed(r) - exact[r["prompt"]]) / c)
         r["rel_quality"], r["rel_quality_std"] = f"{rel.mean():.4f}", f"{rel.std():.4f}"
-        chk = np.array([float(x) for x in r["checker_per_seed"].split(";")])
+        chk = _per_seed(r, "checker_per_seed")
         if len(chk) == len(exact_chk[r["prompt"]]):
             r["checker_delta"] = f"{(chk - exact_chk[r['prompt']]).mean():.4f}"
     out.unlink(missing_ok=True)
